@@ -1,0 +1,72 @@
+"""The ``kelix`` command: Lightning's fit/validate/test/predict plus the kit's own verbs.
+
+This file imports nothing heavy: ``kelix --help`` must answer at once. Each verb names the function
+that implements it (``module:function``, taking the remaining argv) and is imported only when run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Lightning verbs, run by kelix.training.cli.KelixCLI (LightningCLI).
+LIGHTNING_VERBS = {
+    "fit": "train a model from a recipe: kelix fit --config recipes/<component>/<stage>.yaml",
+    "validate": "run the validation loop of a recipe on a checkpoint",
+    "test": "run the test loop of a recipe on a checkpoint",
+    "predict": "run the predict loop of a recipe on a checkpoint",
+}
+
+# The kit's own verbs: name -> (implementation, one-line help). Later components register here.
+KIT_VERBS: dict[str, tuple[str, str]] = {
+    "make-synthetic": ("kelix.data.synthetic_cli:main", "write synthetic shards (OCR, captions, VQA, text-to-image)"),
+    "validate-shards": ("kelix.data.validate_cli:main", "check shards against the sample schema; report bad samples"),
+    "build-codebook": ("kelix.tokenizer.codebook:main", "k-means codebook init from shards (faiss): S = N*K centroids"),
+    "export-tokenizer": ("kelix.tokenizer.export:main", "tokenizer checkpoint -> HF-style directory (no aux LM)"),
+    "tokenize": ("kelix.tokenizer.pretokenize:main", "write shards with {key}.{i}.codes.npy code grids beside the pixels"),
+    "unify-embeddings": ("kelix.llm.unify:main", "fold tokenizer + stage-1 up-projectors into one image embedding table"),
+    "export-llm": ("kelix.llm.export:main", "LLM checkpoint -> HF-style directory"),
+    "export-dit": ("kelix.dit.export:main", "DiT checkpoint -> HF-style directory (EMA weights)"),
+    "convert-checkpoint": ("kelix.training.convert:main", "sharded (distributed) checkpoint -> HF-style directory"),
+    "chat": ("kelix.pipeline_cli:chat", "answer a question about an image with an exported pipeline"),
+    "generate": ("kelix.pipeline_cli:generate", "generate an image from a prompt with an exported pipeline"),
+    "quickstart": ("kelix.quickstart:main", "the whole pipeline on tiny models and synthetic data, on CPU"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in (*LIGHTNING_VERBS, *KIT_VERBS)) + 2
+    lines = ["usage: kelix <verb> [options]   (kelix <verb> --help for a verb's options)", "", "training (LightningCLI):"]
+    lines += [f"  {v:<{width}}{h}" for v, h in LIGHTNING_VERBS.items()]
+    lines += ["", "kit verbs:"]
+    lines += [f"  {v:<{width}}{h}" for v, (_, h) in sorted(KIT_VERBS.items())]
+    lines += ["", "Recipes live in recipes/; several --config files merge left to right; --print_config shows the result."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from kelix import __version__
+
+        print(f"kelix {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb in LIGHTNING_VERBS:
+        from kelix.training.cli import run_lightning_cli
+
+        run_lightning_cli([verb, *rest])
+        return 0
+    if verb in KIT_VERBS:
+        import importlib
+
+        module, func = KIT_VERBS[verb][0].split(":")
+        return getattr(importlib.import_module(module), func)(rest)
+    print(f"kelix: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

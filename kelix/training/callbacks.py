@@ -1,0 +1,62 @@
+"""Callbacks every Kelix run gets: data health and throughput in TensorBoard."""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import torch
+
+
+class DataHealth(pl.Callback):
+    """Log the data stream's counts (samples read, skipped per reason, per source) to TensorBoard.
+
+    Each batch carries its worker's running totals (``batch["data_stats"]``); the totals of every
+    worker seen so far are summed per rank and then over ranks when logged.
+    """
+
+    def __init__(self):
+        self.totals: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        stats = batch.get("data_stats") if isinstance(batch, dict) else None
+        if not stats:
+            return
+        stats = dict(stats)
+        self.totals[int(stats.pop("consumer", 0))] = stats
+        if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
+            return
+        summed: dict[str, float] = {}
+        for s in self.totals.values():
+            for k, v in s.items():
+                summed[k] = summed.get(k, 0) + v
+        for k in ("skipped/corrupt_image", "skipped/bad_json", "skipped/missing_image", "skipped/unreadable_shard"):
+            summed.setdefault(k, 0)
+        for k, v in summed.items():
+            pl_module.log(f"data/{k}", float(v), on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
+
+
+class Throughput(pl.Callback):
+    """Log step time, samples/s and tokens/s (when the batch reports ``num_tokens``) per device."""
+
+    def __init__(self):
+        self._t = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
+        self._n = pl_module.batch_size_of(batch) if hasattr(pl_module, "batch_size_of") else 0
+        tokens = batch.get("num_tokens") if isinstance(batch, dict) else None
+        self._tokens = float(tokens.sum() if torch.is_tensor(tokens) else tokens) if tokens is not None else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._t is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self._t
+        logs = {"perf/step_time_s": dt, "perf/samples_per_s": self._n / dt}
+        if self._tokens is not None:
+            logs["perf/tokens_per_s"] = self._tokens / dt
+        if torch.cuda.is_available():
+            logs["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        pl_module.log_dict(logs, on_step=True, on_epoch=False)
