@@ -44,23 +44,26 @@ class OptimConfig:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters grouped by (learning rate, decay or not); frozen ones are left out."""
-    groups: dict[tuple[float, bool], list] = {}
-    names: dict[tuple[float, bool], list[str]] = {}
+    """Trainable parameters grouped by (``group_lr`` prefix, decay or not); frozen ones are left out.
+
+    Each group is named (``default``, ``encoder``, ``default_no_decay``...) so the learning-rate
+    monitor logs ``lr/<name>``.
+    """
+    groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lr = next((v for k, v in cfg.group_lr.items() if name.startswith(k)), cfg.lr)
+        prefix = next((k for k in cfg.group_lr if name.startswith(k)), None)
+        lr = cfg.group_lr[prefix] if prefix is not None else cfg.lr
         decay = p.ndim >= 2 and "norm" not in name.lower() and "embed" not in name.lower()
-        groups.setdefault((lr, decay), []).append(p)
-        names.setdefault((lr, decay), []).append(name)
+        label = (prefix.rstrip(".") if prefix else "default") + ("" if decay else "_no_decay")
+        g = groups.setdefault((label, decay), {"params": [], "lr": lr, "initial_lr": lr, "name": label,
+                                               "weight_decay": cfg.weight_decay if decay else 0.0, "names": []})
+        g["params"].append(p)
+        g["names"].append(name)
     if not groups:
         raise ValueError("no trainable parameters: check the stage's freezing options")
-    return [
-        {"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0,
-         "names": names[(lr, decay)]}
-        for (lr, decay), ps in groups.items()
-    ]
+    return list(groups.values())
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int) -> dict:
@@ -78,7 +81,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int) -> dic
     elif cfg.schedule == "cosine":
         s = sched.get_cosine_with_min_lr_schedule_with_warmup(opt, warm, total, min_lr_rate=cfg.min_lr_ratio)
     elif cfg.schedule == "linear":
-        s = sched.get_wsd_schedule(opt, warm, total - warm, total, num_stable_steps=0, decay_type="linear",
+        s = sched.get_wsd_schedule(opt, warm, total - warm, num_stable_steps=0, decay_type="linear",
                                    min_lr_ratio=cfg.min_lr_ratio)
     elif cfg.schedule == "wsd":
         if not 0 < cfg.decay_steps <= total - warm:

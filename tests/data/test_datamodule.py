@@ -1,0 +1,64 @@
+"""ShardDataModule through `kelix fit`: synthetic shards made in prepare_data, bad samples counted in TensorBoard."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from kelix.cli import main
+from kelix.data.datamodule import ShardDataModule
+from kelix.data.processor import Processor
+from tests.conftest import jpeg_bytes, write_shard
+
+
+class ColorFeatures(Processor):
+    """x = mean RGB of the first image + a bias feature; y = mean of the red channel."""
+
+    def __call__(self, sample):
+        if not sample.images:
+            return None
+        rgb = np.asarray(sample.images[0].pixels, dtype=np.float32).mean((0, 1)) / 255.0
+        return {"x": torch.tensor([*rgb, 1.0]), "y": torch.tensor(float(rgb[0]))}
+
+
+def test_fit_on_synthetic_shards_counts_bad_samples_in_tensorboard(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = {"segments": [{"type": "image", "image": "0.jpg"}, {"type": "text", "text": "x"}]}
+    bad = write_shard(tmp_path / "bad.tar", [
+        {"__key__": f"c{i}", "json": good, "0.jpg": jpeg_bytes()[:50]} for i in range(3)] + [
+        {"__key__": "j", "json": b"{oops"}])
+    cfg = {
+        "model": {"class_path": "tests.test_cli.TinyRegressor",
+                  "init_args": {"optim": {"lr": 0.05, "schedule": "constant"}}},
+        "data": {"class_path": "kelix.data.datamodule.ShardDataModule", "init_args": {
+            "train": [{"shards": "syn/caption-*.tar", "weight": 1.0}, {"shards": [bad], "weight": 1.0, "name": "bad"}],
+            "processor": {"class_path": f"{__name__}.ColorFeatures"},
+            "synthetic": {"out_dir": "syn", "tasks": ["caption"], "shards_per_task": 2, "samples_per_shard": 16},
+            "batch_size": 4, "num_workers": 2, "shuffle_buffer": 8}},
+        "trainer": {"max_steps": 12, "accelerator": "cpu", "log_every_n_steps": 2, "enable_model_summary": False},
+    }
+    (tmp_path / "shards.yaml").write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", "shards.yaml"])
+    assert sorted(p.name for p in (tmp_path / "syn").iterdir()) == ["caption-00000.tar", "caption-00001.tar"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(tmp_path / "runs" / "shards" / "version_0")).Reload()
+    last = lambda tag: ev.Scalars(tag)[-1].value  # noqa: E731
+    assert last("data/skipped/corrupt_image") >= 1
+    assert last("data/skipped/bad_json") >= 1
+    assert last("data/samples") >= 12 * 4 - 2 * 4  # batches still in the prefetch queue are not counted yet
+
+
+def test_missing_shards_fail_at_setup_with_the_pattern(tmp_path):
+    dm = ShardDataModule(train=str(tmp_path / "none-{000..003}.tar"))
+    with pytest.raises(FileNotFoundError, match=r"none-\{000..003\}.tar' matches no file"):
+        dm.setup("fit")
+
+
+def test_bad_arguments_fail_before_any_work():
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        ShardDataModule(train="x.tar", batch_size=0)
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        ShardDataModule(train=[{"shards": "x.tar", "weight": 0}])
+    with pytest.raises(ValueError, match=r"data.val is not set"):
+        ShardDataModule(train="x.tar")._stream("val")
