@@ -69,6 +69,9 @@ class Sample:
     turns: list[Turn]
     task: str = "chat"
     meta: dict = field(default_factory=dict)
+    # Other ``*.npy`` fields of the sample by name without the key (``"cond.npy"``, ``"latent.npy"``):
+    # pre-computed model inputs such as the DiT's condition states and target latents.
+    arrays: dict = field(default_factory=dict)
 
     @property
     def images(self) -> list[Image]:
@@ -120,6 +123,7 @@ def parse_sample(fields: dict[str, Any], shard: str = "?", key: str = "?") -> Sa
     where = _where(shard, key)
     images = {k: v for k, v in fields.items() if k.rsplit(".", 1)[-1] in IMAGE_EXTS}
     codes = {k[: -len(CODES_SUFFIX) - 1]: v for k, v in fields.items() if k.endswith(CODES_SUFFIX)}
+    arrays = {k: v for k, v in fields.items() if k.endswith(".npy") and not k.endswith(CODES_SUFFIX)}
 
     def resolve(name: str, at: str) -> Image:
         stem = image_stem(name)
@@ -157,13 +161,13 @@ def parse_sample(fields: dict[str, Any], shard: str = "?", key: str = "?") -> Sa
             if "content" not in m:
                 raise SampleError("schema", f"{where}: json.messages[{i}].content is missing")
             turns.append(Turn(role, _parse_parts(m["content"], f"json.messages[{i}].content", where, resolve)))
-        return Sample(key, shard, "messages", turns, task or "chat", meta)
+        return Sample(key, shard, "messages", turns, task or "chat", meta, arrays)
 
     if "segments" in meta:
         parts = _parse_parts(meta["segments"], "json.segments", where, resolve)
         if not parts:
             raise SampleError("schema", f"{where}: json.segments is empty")
-        return Sample(key, shard, "segments", [Turn(None, parts)], task or "interleaved", meta)
+        return Sample(key, shard, "segments", [Turn(None, parts)], task or "interleaved", meta, arrays)
 
     # img2dataset layout: {key}.jpg + {key}.txt (+ {key}.json with metadata only).
     caption = fields.get("txt")
@@ -173,7 +177,7 @@ def parse_sample(fields: dict[str, Any], shard: str = "?", key: str = "?") -> Sa
         single = sorted(k for k in images if "." not in k)
         name = single[0] if single else (sorted(images)[0] if images else "jpg")
         parts = [Part("image", image=resolve(name, "image")), Part("text", text=caption)]
-        return Sample(key, shard, "segments", [Turn(None, parts)], task or "caption", meta)
+        return Sample(key, shard, "segments", [Turn(None, parts)], task or "caption", meta, arrays)
     if caption is not None:
-        return Sample(key, shard, "segments", [Turn(None, [Part("text", text=caption)])], task or "text", meta)
+        return Sample(key, shard, "segments", [Turn(None, [Part("text", text=caption)])], task or "text", meta, arrays)
     raise SampleError("schema", f"{where}: json has neither 'messages' nor 'segments', and no image+txt caption pair")
