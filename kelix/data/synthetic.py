@@ -36,9 +36,13 @@ class Scene:
     shapes: list[tuple[str, str]]  # (color, shape)
 
     def caption(self) -> str:
-        things = [f"a {c} {s}" for c, s in self.shapes]
+        things = [f"{article(c)} {c} {s}" for c, s in self.shapes]
         listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
-        return f"{listed} on a {self.background} background"
+        return f"{listed} on {article(self.background)} {self.background} background"
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def random_scene(rng: random.Random) -> Scene:
