@@ -1,0 +1,260 @@
+"""Quantizers of Kelix-Tok (paper 3.1, Eq. 1-3) and the ablation variants of Table 6 / section 6.1.
+
+All map packed features ``[T, in_dim]`` to N slot vectors ``[T, N, d]`` (fused downstream) and codes
+``[T, N]`` (each in ``0..K-1`` of its own sub-codebook):
+
+* ``pq`` (default): product quantization. One Linear to ``N*d``, split in N sub-vectors; sub-codebook
+  i is a frozen centroid table ``C_i [K, d_in]`` (only its own K rows) times a learned SimVQ
+  projection ``W_i``; LayerNorm on sub-vectors and projected codebooks; squared-L2 nearest neighbour.
+* ``shared``: the same, but one codebook (one ``C``, one ``W``) serves all N slots.
+* ``rvq``: residual quantization: slot i quantizes what slots ``< i`` left of one d-dim vector.
+* ``fsq``: finite scalar quantization per slot (``prod(fsq_levels) == K``), projected back to d.
+* ``none``: the continuous baseline (no codes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# tokens per chunk of the nearest-neighbour search: bounds the [N, t, K] distance block to 2**25 floats
+MAX_DIST_ELEMS = 2**25
+
+
+@dataclass
+class QuantOutput:
+    """What a quantizer returns for ``T`` packed tokens.
+
+    Args:
+        z_q: slot vectors ``[T, N, d]``; their values are the code vectors, their gradient goes
+            straight through to the continuous features.
+        codes: ``[T, N]`` code of each slot in its sub-codebook (None for the continuous baseline).
+        loss: ``L_VQ`` of Eq. 3 (0 when the variant has none).
+        terms: scalars to log (``codebook``, ``commitment``).
+    """
+
+    z_q: torch.Tensor
+    codes: torch.Tensor | None
+    loss: torch.Tensor
+    terms: dict = field(default_factory=dict)
+
+
+def nearest_codes(z: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row (squared L2) of ``codebooks[n]`` for each ``z[:, n]``.
+
+    ``z`` is ``[T, N, d]``, ``codebooks`` ``[N, K, d]``; returns ``[T, N]``. Uses
+    ``||c||^2 - 2 z.c`` (``||z||^2`` is constant per row) in chunks of tokens, so no ``[T, K, d]``
+    tensor is ever built.
+    """
+    z, cb = z.detach().float(), codebooks.detach().float()
+    n, k, _ = cb.shape
+    c2 = cb.pow(2).sum(-1).unsqueeze(1)  # [N, 1, K]
+    zt = z.transpose(0, 1)  # [N, T, d]
+    step = max(1, MAX_DIST_ELEMS // (n * k))
+    out = []
+    for s in range(0, zt.shape[1], step):
+        dist = torch.baddbmm(c2, zt[:, s : s + step], cb.transpose(1, 2), beta=1.0, alpha=-2.0)
+        out.append(dist.argmin(-1))
+    if not out:
+        return torch.zeros(0, n, dtype=torch.long, device=z.device)
+    return torch.cat(out, 1).transpose(0, 1)
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dim with a separate affine per slot (``weight``/``bias`` ``[N, d]``)."""
+    return F.layer_norm(x, x.shape[-1:]) * weight + bias
+
+
+class SimVQ(nn.Module):
+    """Frozen centroids, learned per-sub-codebook projection: the codebooks ``LN(C_i W_i + b_i)``.
+
+    Args:
+        num_books: sub-codebooks holding their own table (N, or 1 when shared).
+        K: entries per sub-codebook.
+        centroid_dim: ``d_in``, the width of the k-means centroids.
+        d: code vector width.
+        norm: LayerNorm (with a learned affine per sub-codebook) on the projected codebooks.
+    """
+
+    def __init__(self, num_books: int, K: int, centroid_dim: int, d: int, norm: bool = True):
+        super().__init__()
+        # a buffer, not a parameter: frozen (SimVQ), saved, never seen by the optimizer
+        self.register_buffer("centroids", torch.randn(num_books, K, centroid_dim))
+        bound = 1 / math.sqrt(centroid_dim)  # nn.Linear's default init
+        self.weight = nn.Parameter(torch.empty(num_books, centroid_dim, d).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_books, d).uniform_(-bound, bound))
+        self.norm = norm
+        if norm:
+            self.norm_weight = nn.Parameter(torch.ones(num_books, d))
+            self.norm_bias = nn.Parameter(torch.zeros(num_books, d))
+
+    def forward(self) -> torch.Tensor:
+        """The searched codebooks ``[num_books, K, d]`` (float32)."""
+        cb = torch.baddbmm(self.bias.float().unsqueeze(1), self.centroids.float(), self.weight.float())
+        if self.norm:
+            cb = _layer_norm(cb, self.norm_weight.float().unsqueeze(1), self.norm_bias.float().unsqueeze(1))
+        return cb
+
+
+class ProductQuantizer(nn.Module):
+    """Product (``pq``), shared-codebook (``shared``) or residual (``rvq``) quantization, SimVQ codebooks.
+
+    Args:
+        in_dim: width of the merged patch features.
+        N: slots (sub-codebooks) per token.
+        K: entries per sub-codebook.
+        d: sub-vector / code width.
+        centroid_dim: width of the frozen centroids (``d_in``).
+        beta: commitment weight of Eq. 3.
+        mode: ``pq``, ``shared`` or ``rvq``.
+        norm: LayerNorm on sub-vectors and codebooks (``rvq``: on the input vector only).
+    """
+
+    def __init__(self, in_dim: int, N: int, K: int, d: int, centroid_dim: int, beta: float = 0.25,
+                 mode: str = "pq", norm: bool = True):
+        super().__init__()
+        if mode not in ("pq", "shared", "rvq"):
+            raise ValueError(f"ProductQuantizer mode {mode!r} is not pq, shared or rvq")
+        self.N, self.K, self.d, self.beta, self.mode, self.norm = N, K, d, beta, mode, norm
+        self.proj_in = nn.Linear(in_dim, d if mode == "rvq" else N * d)
+        self.codebook = SimVQ(1 if mode == "shared" else N, K, centroid_dim, d, norm=norm and mode != "rvq")
+        if norm:
+            self.z_norm_weight = nn.Parameter(torch.ones(1 if mode == "rvq" else N, d))
+            self.z_norm_bias = nn.Parameter(torch.zeros(1 if mode == "rvq" else N, d))
+
+    def code_vectors(self) -> torch.Tensor:
+        """``[N, K, d]``: the vector each code stands for (what the quantizer outputs for it)."""
+        return self.codebook().expand(self.N, -1, -1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[..., N]`` -> code vectors ``[..., N, d]``."""
+        cb = self.code_vectors()
+        return cb[torch.arange(self.N, device=codes.device), codes]
+
+    def continuous(self, x: torch.Tensor) -> torch.Tensor:
+        """The continuous sub-vectors z ``[T, N, d]`` (``[T, 1, d]`` for rvq) before quantization."""
+        z = self.proj_in(x).float().view(x.shape[0], -1, self.d)
+        if self.norm:
+            z = _layer_norm(z, self.z_norm_weight.float(), self.z_norm_bias.float())
+        return z
+
+    def forward(self, x: torch.Tensor) -> QuantOutput:
+        with torch.autocast(x.device.type, enabled=False):  # distances and losses in float32
+            z = self.continuous(x)
+            cb = self.code_vectors()
+            if self.mode == "rvq":
+                return self._residual(z[:, 0], cb)
+            codes = nearest_codes(z, cb)
+            e = cb[torch.arange(self.N, device=x.device), codes]  # [T, N, d]
+            codebook_loss = F.mse_loss(e, z.detach())
+            commitment = F.mse_loss(z, e.detach())
+            # value exactly e (z - z.detach() is exactly 0), gradient straight through to z
+            z_q = e.detach() + (z - z.detach())
+        return QuantOutput(z_q, codes, codebook_loss + self.beta * commitment,
+                           {"codebook": codebook_loss.detach(), "commitment": commitment.detach()})
+
+    def _residual(self, z: torch.Tensor, cb: torch.Tensor) -> QuantOutput:
+        residual, codes, picked = z, [], []
+        cb_loss = commit = z.new_zeros(())
+        for i in range(self.N):
+            c = nearest_codes(residual.detach()[:, None], cb[i : i + 1])[:, 0]
+            e = cb[i, c]
+            cb_loss = cb_loss + F.mse_loss(e, residual.detach()) / self.N
+            commit = commit + F.mse_loss(residual, e.detach()) / self.N
+            codes.append(c)
+            picked.append(e.detach())
+            residual = residual - e.detach()
+        # slot 0 carries the straight-through gradient; the slots sum to the reconstruction
+        picked[0] = picked[0] + (z - z.detach())
+        return QuantOutput(torch.stack(picked, 1), torch.stack(codes, 1), cb_loss + self.beta * commit,
+                           {"codebook": cb_loss.detach(), "commitment": commit.detach()})
+
+
+class FSQuantizer(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023) per slot; ``prod(levels)`` codes per slot.
+
+    Args:
+        in_dim: width of the merged patch features.
+        N: slots per token.
+        levels: quantization levels per FSQ dimension, e.g. ``[16, 16, 16, 16]`` (K = 65536).
+        d: width of the slot vectors (each slot's FSQ point is projected back to d).
+    """
+
+    def __init__(self, in_dim: int, N: int, levels: list[int], d: int):
+        super().__init__()
+        self.N, self.d = N, d
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
+        basis = torch.cumprod(torch.tensor([1, *levels[:-1]], dtype=torch.long), 0)
+        self.register_buffer("basis", basis, persistent=False)
+        self.K = int(torch.tensor(levels).prod())
+        self.proj_in = nn.Linear(in_dim, N * len(levels))
+        self.proj_out = nn.Parameter(torch.randn(N, len(levels), d) / math.sqrt(len(levels)))
+        self.proj_out_bias = nn.Parameter(torch.zeros(N, d))
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        lv = self.levels.float()
+        half = (lv - 1) * (1 - 1e-3) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        return torch.tanh(z + torch.atanh(offset / half)) * half - offset
+
+    def _points(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes -> normalised grid points in [-1, 1] per FSQ dimension."""
+        digits = (codes.unsqueeze(-1) // self.basis) % self.levels
+        half = self.levels // 2
+        return (digits - half).float() / half.float()
+
+    def _project(self, pts: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...nl,nld->...nd", pts, self.proj_out.float()) + self.proj_out_bias.float()
+
+    def code_vectors(self) -> torch.Tensor:
+        codes = torch.arange(self.K, device=self.proj_out.device)
+        pts = self._points(codes).unsqueeze(0).expand(self.N, -1, -1)  # [N, K, L]
+        return torch.einsum("nkl,nld->nkd", pts, self.proj_out.float()) + self.proj_out_bias.float()[:, None]
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        return self._project(self._points(codes))
+
+    def forward(self, x: torch.Tensor) -> QuantOutput:
+        with torch.autocast(x.device.type, enabled=False):
+            z = self._bound(self.proj_in(x).float().view(x.shape[0], self.N, -1))
+            q = z.round()
+            half = self.levels // 2
+            codes = ((q.long() + half) * self.basis).sum(-1)
+            pts = (q.detach() + (z - z.detach())) / half.float()  # round with a straight-through gradient
+            z_q = self._project(pts)
+        return QuantOutput(z_q, codes, z.new_zeros(()), {})
+
+
+class ContinuousAdapter(nn.Module):
+    """The continuous baseline: the same projection and LayerNorm as ``pq``, no quantization.
+
+    Args:
+        in_dim: width of the merged patch features.
+        N: slots per token (fused like the quantized ones).
+        d: slot width.
+        norm: LayerNorm on the slot vectors.
+    """
+
+    def __init__(self, in_dim: int, N: int, d: int, norm: bool = True):
+        super().__init__()
+        self.N, self.d, self.norm = N, d, norm
+        self.proj_in = nn.Linear(in_dim, N * d)
+        if norm:
+            self.z_norm_weight = nn.Parameter(torch.ones(N, d))
+            self.z_norm_bias = nn.Parameter(torch.zeros(N, d))
+
+    def code_vectors(self) -> torch.Tensor:
+        raise RuntimeError("the continuous baseline (quantizer: none) has no codes")
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the continuous baseline (quantizer: none) has no codes")
+
+    def forward(self, x: torch.Tensor) -> QuantOutput:
+        z = self.proj_in(x).view(x.shape[0], self.N, self.d)
+        if self.norm:
+            z = _layer_norm(z, self.z_norm_weight, self.z_norm_bias)
+        return QuantOutput(z, None, z.new_zeros(()).float(), {})
