@@ -183,3 +183,12 @@ def test_synthetic_shards_all_parse(synthetic_dir):
     assert len(samples) == 6 * 2 * 8 and not any(k.startswith("skipped/") for k in s.stats)
     assert Counter(x.task for x in samples) == {t: 16 for t in ("ocr", "caption", "vqa", "t2i", "interleaved", "text")}
     assert os.path.basename(samples[0].shard).endswith(".tar")
+
+
+def test_img2dataset_shards_stream_as_captions_without_conversion(tmp_path):
+    records = [{"__key__": f"{i:09d}", "jpg": jpeg_bytes(), "txt": f"caption {i}",
+                "json": {"url": f"http://example.com/{i}.jpg", "width": 32, "height": 24}} for i in range(3)]
+    shard = write_shard(tmp_path / "00000.tar", records)
+    out = list(ShardStream([Source(shard)], repeat=False, shuffle_buffer=1))
+    assert [(s.task, s.turns[0].parts[1].text, s.images[0].pixels.size) for s in out] == [
+        ("caption", f"caption {i}", (32, 24)) for i in range(3)]
