@@ -1,0 +1,126 @@
+"""``kelix export-dit``: a DiTModule checkpoint -> an HF-style de-tokenizer directory.
+
+Output: ``{out}/config.json`` + ``{out}/model.safetensors`` (the :class:`~kelix.dit.model.KelixDiT`, EMA
+weights by default) and ``{out}/vae/`` (the frozen diffusers VAE with the latent scaling the DiT was
+trained with). :func:`load_detokenizer` reads it back; :func:`kelix.dit.sampler.generate` renders images.
+
+Accepted checkpoints: a Lightning ``.ckpt`` file, or a distributed (FSDP2) checkpoint directory as
+Lightning's ``ModelParallelStrategy`` writes it (read without a process group).
+"""
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("kelix.dit")
+
+
+def save_vae(vae, out_dir: str) -> None:
+    """Save a :class:`~kelix.dit.vae.FrozenVAE` as a diffusers directory carrying its latent scaling."""
+    vae.vae.register_to_config(scaling_factor=vae.scaling_factor)
+    if not vae.is_dc:
+        vae.vae.register_to_config(shift_factor=vae.shift_factor or None)
+    vae.vae.save_pretrained(out_dir)
+
+
+@dataclass
+class DeTokenizer:
+    """An exported de-tokenizer: the DiT, its VAE and the flow settings it was trained with."""
+
+    dit: "KelixDiT"  # noqa: F821
+    vae: "FrozenVAE"  # noqa: F821
+    flow: "FlowConfig"  # noqa: F821
+
+    @torch.no_grad()
+    def generate(self, states: torch.Tensor, mask: torch.Tensor | None = None, *, image_size=1024, steps: int = 20,
+                 cfg_scale: float = 4.5, seed: int = 0) -> torch.Tensor:
+        """Condition states ``[B, L, D]`` (+ mask) -> images ``[B, 3, H, W]`` in ``[-1, 1]``."""
+        from kelix.dit.sampler import generate
+
+        return generate(self.dit, self.vae, states, mask, image_size=image_size, steps=steps, cfg_scale=cfg_scale,
+                        shift=self.flow.shift, seed=seed)
+
+    def to(self, device):
+        self.dit.to(device)
+        self.vae.to(device)
+        return self
+
+
+def load_detokenizer(path: str, device: str | torch.device | None = None) -> DeTokenizer:
+    """A :class:`DeTokenizer` from a directory written by ``kelix export-dit``."""
+    from kelix.dit.flow import FlowConfig
+    from kelix.dit.model import load_dit
+    from kelix.dit.vae import VAEConfig, load_vae
+
+    vae_dir = os.path.join(path, "vae")
+    if not os.path.isdir(vae_dir):
+        raise FileNotFoundError(f"{path!r} has no vae/ directory (was it written by kelix export-dit?)")
+    flow_file = os.path.join(path, "flow.json")
+    flow = FlowConfig(**json.load(open(flow_file))) if os.path.isfile(flow_file) else FlowConfig()
+    out = DeTokenizer(load_dit(path).eval(), load_vae(VAEConfig(path=vae_dir)), flow)
+    return out.to(device) if device is not None else out
+
+
+def _read_meta(meta: dict, source: str) -> dict:
+    if "kelix_dit" not in meta:
+        raise ValueError(f"{source} is not a DiTModule checkpoint (no 'kelix_dit' entry)")
+    return meta["kelix_dit"]
+
+
+def read_checkpoint(path: str, weights: str = "ema") -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(kelix_dit metadata, DiT state dict)`` of a DiTModule checkpoint (file or distributed directory)."""
+    from kelix.dit.model import DiTConfig, KelixDiT
+
+    prefix = {"ema": "ema.", "live": "dit."}[weights]
+    if os.path.isfile(path):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        meta = _read_meta(ckpt, path)
+        sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        if not sd:
+            raise ValueError(f"{path}: no '{prefix}*' tensors in the state dict")
+        return meta, sd
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"{path!r} is neither a checkpoint file nor a distributed checkpoint directory")
+    import torch.distributed.checkpoint as dcp
+
+    meta = _read_meta(torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True), path)
+    # the DiT built from the saved config is the template DCP loads into (only these keys are read)
+    net = KelixDiT(DiTConfig(**meta["dit"]))
+    template = {"state_dict": {prefix + k: v for k, v in net.state_dict().items()}}
+    dcp.load(template, checkpoint_id=path, no_dist=True)
+    return meta, {k[len(prefix):]: v for k, v in template["state_dict"].items()}
+
+
+def export(ckpt: str, out: str, weights: str = "ema", with_vae: bool = True) -> str:
+    """Write ``out`` from ``ckpt`` (see module docstring); returns ``out``."""
+    from kelix.dit.model import DiTConfig, KelixDiT
+    from kelix.dit.vae import VAEConfig, load_vae
+
+    meta, sd = read_checkpoint(ckpt, weights)
+    net = KelixDiT(DiTConfig(**meta["dit"]))
+    net.load_state_dict(sd, strict=True)
+    net.save_pretrained(out)
+    if with_vae:
+        save_vae(load_vae(VAEConfig(**meta["vae"])), os.path.join(out, "vae"))
+    with open(os.path.join(out, "flow.json"), "w") as f:  # the sampling shift must match training
+        json.dump(meta.get("flow", {}), f, indent=2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kelix export-dit", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="DiTModule checkpoint: a .ckpt file or a distributed checkpoint directory")
+    p.add_argument("out", help="output directory (config.json, model.safetensors, vae/, flow.json)")
+    p.add_argument("--weights", choices=["ema", "live"], default="ema",
+                   help="export the EMA weights (default, used for sampling) or the live training weights")
+    p.add_argument("--no-vae", action="store_true", help="do not write vae/ (e.g. a large pretrained VAE kept elsewhere)")
+    a = p.parse_args(argv)
+    if not os.path.exists(a.checkpoint):
+        p.error(f"checkpoint {a.checkpoint!r} does not exist")
+    export(a.checkpoint, a.out, a.weights, not a.no_vae)
+    print(f"DiT ({a.weights} weights) written to {a.out}")
+    return 0

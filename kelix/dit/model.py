@@ -1,0 +1,169 @@
+"""Kelix-DiT: a SANA diffusion transformer conditioned on the unified LLM's hidden states.
+
+The condition is the sequence of the LLM's last hidden states (before its final norm) over an image's
+positions, from ``<vision_start>`` up to ``<vision_end>`` (paper 4.4.1). A small connector (Linear,
+GELU, Linear, RMSNorm) maps their width ``D`` to the DiT's caption width, where diffusers'
+``SanaTransformer2DModel`` takes over (its own caption projection + norm, then cross-attention with a
+key mask for the variable condition length).
+
+Classifier-free guidance: the unconditional input is one learned null token in the connector's
+output space (the rest of the sequence masked out), so training can drop conditions per item and
+sampling builds the unconditional branch from the same parameter.
+
+Everything runs through :meth:`KelixDiT.forward` (FSDP2 gathers a sharded module's parameters only
+around ``forward``).
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+log = logging.getLogger("kelix.dit")
+
+
+@dataclass
+class DiTConfig:
+    """The de-tokenizer network: connector + SANA transformer.
+
+    Args:
+        cond_dim: width ``D`` of the condition states, the unified LLM's hidden size (Qwen3-8B: 4096).
+        transformer: keyword arguments of diffusers' ``SanaTransformer2DModel`` (its defaults are
+            SANA-1600M at 1024 px: 20 layers, width 2240, caption width 2304, 32 latent channels).
+            ``in_channels`` must equal the VAE's latent channels; ``caption_channels`` is the width
+            the connector writes.
+        transformer_path: local diffusers directory of a pretrained ``SanaTransformer2DModel``
+            (``config.json`` + weights) to start from; its config is used (keys given in
+            ``transformer`` must agree). Resolved when the model is built: a saved ``KelixDiT``
+            holds the full transformer config and no path, so it loads without that directory.
+        connector_hidden: width of the connector's hidden layer (default: the caption width).
+        max_condition_length: condition states beyond this many are cut (the official model: 720).
+    """
+
+    cond_dim: int = 4096
+    transformer: dict = field(default_factory=dict)
+    transformer_path: str | None = None
+    connector_hidden: int | None = None
+    max_condition_length: int = 720
+
+    def __post_init__(self):
+        if self.cond_dim < 1:
+            raise ValueError(f"dit.cond_dim must be >= 1, got {self.cond_dim}")
+        if self.max_condition_length < 1:
+            raise ValueError(f"dit.max_condition_length must be >= 1, got {self.max_condition_length}")
+
+
+class Connector(nn.Sequential):
+    """LLM hidden states ``[B, L, D]`` -> caption features ``[B, L, C]``: Linear, GELU, Linear, RMSNorm."""
+
+    def __init__(self, cond_dim: int, out_dim: int, hidden: int | None = None):
+        hidden = hidden or out_dim
+        super().__init__(nn.Linear(cond_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, out_dim),
+                         nn.RMSNorm(out_dim, eps=1e-5))
+        # small first/second layers: the pretrained DiT starts from near-constant captions, not noise
+        nn.init.normal_(self[0].weight, std=0.02)
+        nn.init.normal_(self[2].weight, std=0.02)
+        nn.init.zeros_(self[0].bias)
+        nn.init.zeros_(self[2].bias)
+
+
+def _build_transformer(cfg: DiTConfig):
+    from diffusers import SanaTransformer2DModel
+
+    if cfg.transformer_path is None:
+        return SanaTransformer2DModel(**cfg.transformer)
+    path = cfg.transformer_path
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"dit.transformer_path {path!r} is not a local diffusers directory with config.json")
+    model = SanaTransformer2DModel.from_pretrained(path, local_files_only=True)
+    loaded = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    for k, v in cfg.transformer.items():
+        if k not in loaded:
+            raise ValueError(f"dit.transformer.{k} is not a SanaTransformer2DModel option (in {path})")
+        if (list(v) if isinstance(v, tuple) else v) != (list(loaded[k]) if isinstance(loaded[k], tuple) else loaded[k]):
+            raise ValueError(f"dit.transformer.{k}={v!r} disagrees with {path}/config.json ({loaded[k]!r})")
+    log.info("DiT transformer initialised from %s", path)
+    return model
+
+
+class KelixDiT(nn.Module, PyTorchModelHubMixin):
+    """Connector + null condition + ``SanaTransformer2DModel``; saved as ``config.json`` + ``model.safetensors``."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        if isinstance(config, dict):  # from_pretrained hands the JSON dict
+            config = DiTConfig(**config)
+        self.transformer = _build_transformer(config)
+        # the saved config describes the built network, never a path it came from
+        config.transformer = {k: (list(v) if isinstance(v, tuple) else v)
+                              for k, v in self.transformer.config.items() if not k.startswith("_")}
+        config.transformer_path = None
+        self.config = config
+        self._hub_mixin_config = config
+        width = self.transformer.config.caption_channels
+        self.connector = Connector(config.cond_dim, width, config.connector_hidden)
+        self.null_condition = nn.Parameter(torch.randn(width) / width**0.5)
+
+    @property
+    def caption_channels(self) -> int:
+        return self.transformer.config.caption_channels
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    def encode_condition(self, states: torch.Tensor, mask: torch.Tensor | None = None,
+                         drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Connector output ``[B, L, C]`` and key mask ``[B, L]`` (True = attend).
+
+        Args:
+            states: condition states ``[B, L, D]`` (cut to ``max_condition_length``).
+            mask: ``[B, L]`` bool, True where a state is real (None: all real).
+            drop: ``[B]`` bool, True where the item gets the null condition instead (CFG).
+        """
+        if states.ndim != 3 or states.shape[-1] != self.config.cond_dim:
+            raise ValueError(f"condition states must be [B, L, {self.config.cond_dim}], got {tuple(states.shape)}")
+        if states.shape[1] < 1:
+            raise ValueError("condition states are empty (L = 0)")
+        b, n = states.shape[0], min(states.shape[1], self.config.max_condition_length)
+        states = states[:, :n]
+        mask = torch.ones(b, n, dtype=torch.bool, device=states.device) if mask is None else mask[:, :n].bool()
+        param = self.connector[0].weight
+        enc = self.connector(states.to(param.dtype))
+        if drop is not None:
+            drop = drop.to(device=enc.device, dtype=torch.bool)
+            null = self.null_condition.to(enc.dtype).expand(b, n, -1)
+            first = torch.zeros(b, n, dtype=torch.bool, device=enc.device)
+            first[:, 0] = True
+            enc = torch.where(drop[:, None, None], null, enc)
+            mask = torch.where(drop[:, None], first, mask)
+        return enc, mask
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
+                mask: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity ``[B, C, h, w]`` at noisy latents ``x`` ``[B, C, h, w]``.
+
+        Args:
+            timestep: ``[B]`` or scalar, ``sigma * num_train_timesteps`` (the scheduler's timesteps).
+            states, mask, drop: see :meth:`encode_condition`.
+        """
+        enc, enc_mask = self.encode_condition(states, mask, drop)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(x.shape[0])
+        return self.transformer(x, encoder_hidden_states=enc, timestep=timestep,
+                                encoder_attention_mask=enc_mask.to(enc.dtype), return_dict=False)[0]
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks (one FSDP2 / activation-checkpointing unit each)."""
+        return list(self.transformer.transformer_blocks)
+
+
+def load_dit(path: str, device: str | torch.device | None = None) -> KelixDiT:
+    """A saved :class:`KelixDiT` (``config.json`` + ``model.safetensors``) from a local directory, strictly."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path!r} is not a saved KelixDiT directory (no config.json)")
+    model = KelixDiT.from_pretrained(path, strict=True, map_location="cpu")
+    return model.to(device) if device is not None else model

@@ -1,0 +1,135 @@
+"""The frozen VAE whose latent space the DiT denoises: diffusers ``AutoencoderDC`` (SANA) or ``AutoencoderKL``.
+
+Latents are ``(z - shift_factor) * scaling_factor`` (the VAE's own factors unless overridden), so the
+DiT sees roughly unit-variance latents; decoding inverts it.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+# A tiny AutoencoderDC (3 stages: 4x downsampling, 4 latent channels) for quickstarts and tests.
+TINY_DCAE: dict = dict(
+    in_channels=3, latent_channels=4, attention_head_dim=8,
+    encoder_block_types=["ResBlock"] * 3, decoder_block_types=["ResBlock"] * 3,
+    encoder_block_out_channels=[8, 16, 32], decoder_block_out_channels=[8, 16, 32],
+    encoder_layers_per_block=[1, 1, 1], decoder_layers_per_block=[1, 1, 1],
+    encoder_qkv_multiscales=[[], [], []], decoder_qkv_multiscales=[[], [], []], scaling_factor=1.0,
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class VAEConfig:
+    """Which frozen VAE maps target images to latents and back.
+
+    Args:
+        path: local diffusers directory of a pretrained VAE (SANA: DC-AE f32c32); ``AutoencoderDC`` or
+            ``AutoencoderKL`` is read from its ``config.json``.
+        kind: class of a randomly initialised VAE (used when ``path`` is None): ``dc`` (AutoencoderDC)
+            or ``kl`` (AutoencoderKL).
+        config: diffusers keyword arguments of that random VAE (default: the tiny ``TINY_DCAE``).
+        seed: seed of the random init, so every rank and every run builds the same VAE.
+        scaling_factor: override of the VAE's scaling factor (latents = (z - shift) * scale).
+        shift_factor: override of the VAE's shift factor (AutoencoderKL configs may set one).
+        dtype: dtype of the frozen weights (``float32``, ``bfloat16``, ``float16``).
+        sample_posterior: AutoencoderKL only: sample the posterior rather than take its mode.
+    """
+
+    path: str | None = None
+    kind: Literal["dc", "kl"] = "dc"
+    config: dict = field(default_factory=lambda: dict(TINY_DCAE))
+    seed: int = 0
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    sample_posterior: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ("dc", "kl"):
+            raise ValueError(f"vae.kind {self.kind!r} is not 'dc' or 'kl'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"vae.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+class FrozenVAE(nn.Module):
+    """A frozen diffusers autoencoder with the DiT's latent scaling: ``encode`` pixels, ``decode`` latents.
+
+    Pixels are ``[B, 3, H, W]`` in ``[-1, 1]``; latents ``[B, latent_channels, H / downsample, W / downsample]``.
+    """
+
+    def __init__(self, vae: nn.Module, scaling_factor: float | None = None, shift_factor: float | None = None,
+                 sample_posterior: bool = False):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else getattr(cfg, "scaling_factor", 1.0))
+        shift = shift_factor if shift_factor is not None else getattr(cfg, "shift_factor", None)
+        self.shift_factor = float(shift or 0.0)
+        self.sample_posterior = sample_posterior
+        self.is_dc = type(vae).__name__ == "AutoencoderDC"
+        stages = cfg.encoder_block_out_channels if self.is_dc else cfg.block_out_channels
+        self.downsample = 2 ** (len(stages) - 1)
+        self.latent_channels = int(cfg.latent_channels)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: always eval (no dropout, fixed norms)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in ``[-1, 1]`` -> scaled latents (float32)."""
+        h, w = pixels.shape[-2:]
+        if h % self.downsample or w % self.downsample:
+            raise ValueError(f"image {h}x{w} is not a multiple of the VAE's downsampling {self.downsample}")
+        out = self.vae.encode(pixels.to(self.dtype))
+        if self.is_dc:
+            z = out.latent
+        else:
+            dist = out.latent_dist
+            z = dist.sample(generator) if self.sample_posterior else dist.mode()
+        return ((z.float() - self.shift_factor) * self.scaling_factor)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in ``[-1, 1]`` (float32)."""
+        z = latents.float() / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)
+
+
+def _vae_class(kind: str):
+    from diffusers import AutoencoderDC, AutoencoderKL
+
+    return {"dc": AutoencoderDC, "kl": AutoencoderKL, "AutoencoderDC": AutoencoderDC, "AutoencoderKL": AutoencoderKL}[kind]
+
+
+def load_vae(cfg: VAEConfig) -> FrozenVAE:
+    """Build the frozen VAE of ``cfg``: pretrained from a local directory, or random from a config."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path is not None:
+        conf = os.path.join(cfg.path, "config.json")
+        if not os.path.isfile(conf):
+            raise FileNotFoundError(f"vae.path {cfg.path!r} is not a local diffusers VAE directory (no config.json)")
+        name = json.load(open(conf)).get("_class_name")
+        if name not in ("AutoencoderDC", "AutoencoderKL"):
+            raise ValueError(f"{conf}: _class_name {name!r} is not AutoencoderDC or AutoencoderKL")
+        vae = _vae_class(name).from_pretrained(cfg.path, local_files_only=True, torch_dtype=dtype)
+    else:
+        cls = _vae_class(cfg.kind)
+        fork = torch.random.fork_rng(devices=[])  # a seeded init that leaves the global RNG alone
+        with fork:
+            torch.manual_seed(cfg.seed)
+            try:
+                vae = cls(**cfg.config)
+            except TypeError as e:
+                raise ValueError(f"vae.config is not a valid {cls.__name__} config: {e}") from e
+        if dtype != torch.float32:
+            vae = vae.to(dtype)
+    return FrozenVAE(vae, cfg.scaling_factor, cfg.shift_factor, cfg.sample_posterior)
