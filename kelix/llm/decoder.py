@@ -1,0 +1,103 @@
+"""Block decoders (paper Eq. 6): from the backbone's hidden state h_i, the tokens of block i+1.
+
+Both predictors map an input sequence ``x = [h_i, e(t_0), ..., e(t_{T-2})]`` (``[P, T, D]``, LLM
+width, teacher forcing) to ``T`` output vectors ``[P, T, D]``; output ``j`` predicts slot ``j`` of
+block i+1 through the LLM's final norm and the LM-head rows legal for that slot (see
+:class:`~kelix.llm.model.KelixLM`). ``step`` computes one output at a time with a cache, for
+generation.
+
+* :class:`BlockDecoder`: a small causal transformer (official: 1 layer, width 512, 4 heads). It is
+  a transformers ``Qwen3Model`` body (SDPA/flash attention, KV cache) fed through ``proj_in`` with
+  learned slot embeddings; ``proj_out`` is zero-initialised and added to the input, so at
+  initialisation slot 0 predicts exactly what the pretrained LM would (a warm start).
+* :class:`ParallelHeads`: the ablation of Table 7 exp3, one linear head per slot reading only h_i
+  (identity-initialised). The paper's 9th head (``<eob>``) is implied by the block kind and omitted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BlockDecoder(nn.Module):
+    """A small causal transformer over the slots of the next block.
+
+    Args:
+        hidden: the LLM's hidden size D (inputs and outputs).
+        slots: maximum sequence length (N: a visual block's code slots).
+        width: the decoder's own width.
+        layers: transformer layers.
+        heads: attention heads (``width`` must divide by it).
+        ffn: SwiGLU intermediate size.
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+    """
+
+    def __init__(self, hidden: int, slots: int, width: int = 512, layers: int = 1, heads: int = 4, ffn: int = 1536,
+                 attn_implementation: str = "sdpa"):
+        super().__init__()
+        from transformers import Qwen3Config, Qwen3Model
+
+        if width % heads:
+            raise ValueError(f"decoder_width {width} is not divisible by decoder_heads {heads}")
+        cfg = Qwen3Config(vocab_size=1, hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=heads, head_dim=width // heads,
+                          max_position_embeddings=max(slots, 16), tie_word_embeddings=False)
+        cfg._attn_implementation = attn_implementation
+        self.slots = slots
+        self.proj_in = nn.Linear(hidden, width)
+        self.slot_embed = nn.Embedding(slots, width)
+        self.body = Qwen3Model(cfg)
+        self.body.embed_tokens = None  # inputs are embeddings; an unused table would only confuse FSDP/DDP
+        self.proj_out = nn.Linear(width, hidden)
+        nn.init.normal_(self.slot_embed.weight, std=0.02)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced ``x [P, T, D]`` -> outputs ``[P, T, D]`` (T <= slots)."""
+        T = x.shape[1]
+        if T > self.slots:
+            raise ValueError(f"block decoder input has {T} positions, more than its {self.slots} slots")
+        z = self.proj_in(x) + self.slot_embed.weight[:T]
+        z = self.body(inputs_embeds=z, use_cache=False).last_hidden_state
+        return x + self.proj_out(z)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.body.config)
+
+    def step(self, x: torch.Tensor, slot: int, cache) -> torch.Tensor:
+        """One position: ``x [P, D]`` (h_i for slot 0, else the embedding of the previous slot's token)
+        -> output ``[P, D]`` for ``slot``; ``cache`` (from :meth:`new_cache`) is updated in place."""
+        z = self.proj_in(x[:, None]) + self.slot_embed.weight[slot]
+        pos = torch.full((x.shape[0], 1), slot, dtype=torch.long, device=x.device)
+        z = self.body(inputs_embeds=z, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+        return x + self.proj_out(z[:, 0])
+
+
+class ParallelHeads(nn.Module):
+    """Table 7 exp3: slot j's vector is ``A_j h_i`` (a linear head per slot, no token inputs).
+
+    Args:
+        hidden: the LLM's hidden size D.
+        slots: number of heads (N code slots; ``<eob>`` needs none).
+    """
+
+    def __init__(self, hidden: int, slots: int):
+        super().__init__()
+        self.slots = slots
+        self.heads = nn.Parameter(torch.eye(hidden).repeat(slots, 1, 1))  # identity: head 0 = the pretrained LM
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        return torch.einsum("pd,ted->pte", x[:, 0], self.heads[:T])
+
+    def new_cache(self) -> dict:
+        return {}
+
+    def step(self, x: torch.Tensor, slot: int, cache: dict) -> torch.Tensor:
+        if slot == 0:
+            cache["h"] = x
+        return cache["h"] @ self.heads[slot].T

@@ -1,0 +1,240 @@
+"""``UnifiedLLMModule``: next-block prediction training for every LLM stage (paper 4.3).
+
+One module, the stage is the recipe: stage 1 builds the model from a backbone with
+``lm.visual_input: projector`` and ``freeze_backbone: true``; stage 2.1 on start from the previous
+stage's export (``init_from``; ``unify: true`` folds a stage-1 model's up-projectors into the table
+first) with everything trainable; 2.2 on add ``completion_only`` in the processor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from typing import Literal
+
+import torch
+
+from kelix.llm.loss import nbp_loss
+from kelix.llm.model import KelixLM, LLMConfig
+from kelix.training.module import KelixModule
+from kelix.training.optim import OptimConfig
+
+log = logging.getLogger("kelix.llm")
+
+
+def is_llm_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and \
+        os.path.isdir(os.path.join(path, "backbone"))
+
+
+class UnifiedLLMModule(KelixModule):
+    """Train the unified LLM with next-block prediction.
+
+    Args:
+        lm: the model to build (stage 1, ablations). With ``init_from`` a Kelix LLM directory, only
+            its ``dtype`` and ``attn_implementation`` are used.
+        init_from: earlier weights: a Kelix LLM directory (``export_dir`` of the previous stage,
+            ``kelix export-llm`` or ``kelix unify-embeddings`` output; config and weights come from
+            it), or a Lightning ``.ckpt`` / ``.safetensors`` loaded into the model ``lm`` builds.
+        unify: if the model reads visual inputs through the stage-1 projector, fold it into the
+            embedding table now (paper 4.3.3; same as ``kelix unify-embeddings``).
+        image_tokenizer: exported Kelix-Tok directory that encodes the batch's pixel images on the
+            device (default: ``lm.image_tokenizer``); not needed when shards hold codes.
+        freeze_backbone: freeze the backbone's embeddings, layers and final norm (stage 1).
+        freeze_lm_head: freeze the LM head too.
+        block_loss: ``sum`` (Eq. 6) or ``equal_block`` (every block the same total; official code).
+        export_dir: write the trained model here (a Kelix LLM directory) when fit ends.
+        export_dtype: dtype of exported floating tensors (e.g. ``bfloat16``; default: as trained).
+        sample_every_n_steps: every this many training steps (and on the first validation batch),
+            log the teacher-forced predictions of one document as text to TensorBoard (0: never).
+        optim: optimizer and schedule (see :class:`~kelix.training.optim.OptimConfig`).
+        nonfinite: see :class:`~kelix.training.module.KelixModule`.
+        max_skipped_steps: see :class:`~kelix.training.module.KelixModule`.
+        activation_checkpointing: recompute each backbone layer in backward.
+        fsdp_param_dtype: see :class:`~kelix.training.module.KelixModule`.
+        fsdp_reshard_after_forward: see :class:`~kelix.training.module.KelixModule`.
+    """
+
+    def __init__(
+        self,
+        lm: LLMConfig | None = None,
+        init_from: str | None = None,
+        unify: bool = False,
+        image_tokenizer: str | None = None,
+        freeze_backbone: bool = False,
+        freeze_lm_head: bool = False,
+        block_loss: Literal["sum", "equal_block"] = "sum",
+        export_dir: str | None = None,
+        export_dtype: str | None = None,
+        sample_every_n_steps: int = 0,
+        optim: OptimConfig | None = None,
+        nonfinite: Literal["skip", "stop"] = "skip",
+        max_skipped_steps: int = 20,
+        activation_checkpointing: bool = False,
+        fsdp_param_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        fsdp_reshard_after_forward: bool = True,
+    ):
+        super().__init__(optim, nonfinite, max_skipped_steps, activation_checkpointing, fsdp_param_dtype,
+                         fsdp_reshard_after_forward)
+        if block_loss not in ("sum", "equal_block"):
+            raise ValueError(f"block_loss {block_loss!r} is not sum or equal_block")
+        if init_from is not None and not os.path.exists(init_from):
+            raise FileNotFoundError(f"init_from {init_from!r} does not exist")
+        tok_path = image_tokenizer or (lm.image_tokenizer if lm is not None else None)
+        if tok_path is not None and not os.path.isdir(tok_path):
+            raise FileNotFoundError(f"image_tokenizer {tok_path!r} is not a directory (run kelix export-tokenizer)")
+        if init_from is not None and is_llm_dir(init_from):
+            self.lm = KelixLM.from_pretrained(init_from, dtype=lm.dtype if lm else None,
+                                              attn_implementation=lm.attn_implementation if lm else None).train()
+        elif lm is None:
+            raise ValueError("set model.init_args.lm (the architecture) or init_from (a Kelix LLM directory)")
+        else:
+            self.lm = KelixLM(lm)
+            if init_from is not None:
+                from kelix.training.weights import load_weights
+
+                load_weights(self.lm, init_from, prefix="lm." if init_from.endswith(".ckpt") else "")
+        if unify and self.lm.visual is not None:
+            from kelix.llm.unify import unify_embeddings
+
+            unify_embeddings(self.lm)
+        self.block_loss, self.export_dir, self.export_dtype = block_loss, export_dir, export_dtype
+        self.sample_every_n_steps = sample_every_n_steps
+        self.image_tokenizer_path = tok_path
+        self.__dict__["_image_tok"] = None  # frozen and loaded from its own directory: kept out of checkpoints
+        if freeze_backbone:
+            self.lm.body.requires_grad_(False)
+        if freeze_lm_head:
+            self.lm.lm_head.requires_grad_(False)
+        n_train = sum(p.numel() for p in self.lm.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.lm.parameters())
+        log.info("unified LLM: %.1fM of %.1fM parameters trainable", n_train / 1e6, n_all / 1e6)
+
+    # -- parallelism
+    def parallel_blocks(self):
+        return self.lm.blocks()
+
+    def parallel_roots(self):
+        return [self.lm]
+
+    # -- data checks, before the first step
+    def setup(self, stage: str):
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        proc = getattr(dm, "processor", None)
+        from kelix.llm.data import LLMProcessor
+
+        if isinstance(proc, LLMProcessor):
+            self.check_processor(proc)
+
+    def check_processor(self, proc) -> None:
+        """Fail early (one line) when the processor's vocabulary or layout differs from the model's."""
+        v = self.lm.vocab
+        if (proc.N, proc.K) != (v.N, v.K):
+            raise ValueError(f"data.processor has N={proc.N}, K={proc.K} but the model N={v.N}, K={v.K}")
+        theirs, ours = proc.layout.ids, {k: getattr(v, k) for k in proc.layout.ids}
+        if theirs != ours:
+            raise ValueError(f"data.processor.text_tokenizer gives special ids {theirs}, the model {ours}: "
+                             f"use the model's tokenizer (lm.text_tokenizer or the init_from directory)")
+        if proc.row_marker != self.lm.config.row_marker:
+            raise ValueError(f"data.processor.row_marker {proc.row_marker!r} != lm.row_marker {self.lm.config.row_marker!r}")
+        if self.image_tokenizer_path:
+            factor = self.image_tokenizer.image_config.factor
+            if proc.image.factor != factor or proc.gen_image.factor != factor:
+                raise ValueError(f"data.processor image patch*merge ({proc.image.factor}, {proc.gen_image.factor}) "
+                                 f"!= the image tokenizer's {factor}")
+
+    # -- images given as pixels: encoded here, batched, by the frozen tokenizer
+    @property
+    def image_tokenizer(self):
+        if self.__dict__["_image_tok"] is None:
+            if not self.image_tokenizer_path:
+                raise ValueError("the batch holds pixel images but no image_tokenizer is set "
+                                 "(set model.init_args.image_tokenizer, or pre-tokenize the shards with kelix tokenize)")
+            from kelix.tokenizer.model import KelixTokenizer
+
+            tok = KelixTokenizer.from_pretrained(self.image_tokenizer_path).eval().requires_grad_(False)
+            if (tok.config.N, tok.config.K) != (self.lm.vocab.N, self.lm.vocab.K):
+                raise ValueError(f"image tokenizer {self.image_tokenizer_path} has N={tok.config.N}, K={tok.config.K}; "
+                                 f"the model N={self.lm.vocab.N}, K={self.lm.vocab.K}")
+            self.__dict__["_image_tok"] = tok
+        return self.__dict__["_image_tok"]
+
+    @torch.no_grad()
+    def encode_images(self, batch: dict) -> torch.Tensor:
+        """The batch's codes with every pixel image's codes filled in."""
+        pixels = batch.get("image_pixels") or []
+        if not pixels:
+            return batch["codes"]
+        tok = self.image_tokenizer.to(self.device)
+        q, grids = tok.quantize([p.to(self.device) for p in pixels])
+        want = [tuple(g) for g in batch["image_grids"].tolist()]
+        if [tuple(g) for g in grids] != want:
+            raise ValueError(f"image tokenizer grids {grids[:3]} differ from the processor's {want[:3]}: "
+                             f"data.processor.image must match the tokenizer's image config")
+        codes = batch["codes"].clone()
+        N = codes.shape[-1]
+        codes.view(-1, N)[torch.cat(list(batch["image_index"])).to(codes.device)] = q.codes.long()
+        return codes
+
+    # -- training
+    def step(self, batch, split):
+        codes = self.encode_images(batch)
+        pred = self.lm(batch["tokens"], codes, batch["position_ids"], batch["targets"])
+        out = nbp_loss(pred, self.lm.vocab.N, self.block_loss)
+        n = self.sample_every_n_steps
+        if n and ((split == "train" and self.global_step % n == 0) or (split == "val" and not self._val_sampled)):
+            self._val_sampled = split == "val"
+            self._log_sample(batch, pred, split)
+        return out
+
+    _val_sampled = False
+
+    def on_validation_epoch_start(self):
+        self._val_sampled = False
+
+    def _describe(self, ids: list[int]) -> str:
+        vo, tok = self.lm.vocab.visual_offset, self.lm.text_tokenizer
+        out, run = [], []
+        for i in ids:
+            if i >= vo:
+                if run:
+                    out.append(tok.decode(run))
+                    run = []
+                out.append("▣")
+            else:
+                run.append(i)
+        if run:
+            out.append(tok.decode(run))
+        return "".join(out)
+
+    @torch.no_grad()
+    def _log_sample(self, batch, pred, split):
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if not isinstance(self.logger, TensorBoardLogger) or self.global_rank != 0:
+            return
+        row = pred.where[0] == 0
+        truth = pred.labels0[row].tolist()
+        guess = pred.logits0[row].argmax(-1).tolist()
+        text = (f"**target** (▣ = visual block): {self._describe(truth)}\n\n"
+                f"**predicted** (teacher forced, slot 0 argmax): {self._describe(guess)}")
+        self.logger.experiment.add_text(f"{split}/sample", text, self.global_step)
+
+    # -- hand-off to the next stage
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["kelix_llm"] = {"config": asdict(self.lm.config),
+                                   "backbone_config": self.lm.backbone.config.to_dict()}
+
+    def on_train_end(self):
+        if not self.export_dir:
+            return
+        sd = None
+        if self.device_mesh is not None:  # FSDP2: gather full tensors (on every rank), write on rank 0
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.global_rank == 0:
+            self.lm.save_pretrained(self.export_dir, state_dict=sd, dtype=self.export_dtype)
+            log.info("exported the unified LLM to %s", self.export_dir)

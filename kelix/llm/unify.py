@@ -1,0 +1,49 @@
+"""Embedding unification (paper 4.3.3): fold the tokenizer's and stage 1's up-projectors into the table.
+
+After stage 1 a visual block's input is ``W2 (W1 fuse(v) + b1) + b2``. Unification writes, for each
+sub-codebook j and code c, the row ``W2 W1 v_jc s + (W2 b1 + b2) / N`` at id ``visual_offset + j*K + c``
+of the LLM's embedding table (``s`` = 1 for sum fusion, 1/N for mean) and drops the projector: the sum
+of a block's N rows is exactly the stage-1 input, so the model computes the same function, and from
+stage 2.1 on text and image rows are one table trained together.
+
+``kelix unify-embeddings --src <stage-1 LLM dir or .ckpt> --out <dir>``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+log = logging.getLogger("kelix.llm")
+
+
+@torch.no_grad()
+def unify_embeddings(lm) -> None:
+    """Fold ``lm.visual`` (a :class:`~kelix.llm.embed.VisualProjector`) into ``lm``'s embedding table, in place."""
+    if lm.visual is None:
+        raise ValueError("the model already reads visual ids from its embedding table (nothing to unify)")
+    emb = lm.backbone.get_input_embeddings()
+    v = lm.vocab
+    table = lm.visual.table().to(device=emb.weight.device, dtype=emb.weight.dtype)
+    emb.weight[v.visual_offset:v.visual_offset + v.S] = table
+    lm.visual = None
+    lm.config.visual_input = "table"
+    log.info("unified: %d image rows folded into the embedding table", v.S)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kelix unify-embeddings", description=__doc__.split("\n\n")[0])
+    p.add_argument("--src", required=True, help="stage-1 Kelix LLM directory (export_dir / export-llm) or its .ckpt")
+    p.add_argument("--out", required=True, help="output Kelix LLM directory (visual_input: table)")
+    p.add_argument("--dtype", default=None, help="dtype of the written tensors (default: as stored)")
+    args = p.parse_args(argv)
+    from kelix.llm.export import load_lm
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    lm = load_lm(args.src)
+    unify_embeddings(lm)
+    lm.save_pretrained(args.out, dtype=args.dtype)
+    print(f"wrote {args.out}")
+    return 0
