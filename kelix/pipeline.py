@@ -163,7 +163,8 @@ class KelixPipeline:
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         s = sampling or Sampling(seed=seed)
-        _, states, mask = generate_image(self.lm, prompts, self.grid, s, include_markers=self.config.include_markers)
+        _, states, mask = generate_image(self.lm, prompts, self.grid, s, include_markers=self.config.include_markers,
+                                         progress=progress)
         steps = steps or self.config.steps
         cfg = self.config.dit_cfg_scale if cfg_scale is None else cfg_scale
         detok = self.detokenizer

@@ -230,14 +230,15 @@ def generate_text(lm, docs: list[BlockDoc], max_new_blocks: int = 64, sampling: 
 
 @torch.no_grad()
 def generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling: Sampling | None = None,
-                   use_cache: bool = True, decoder_cache: bool = True, include_markers: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   use_cache: bool = True, decoder_cache: bool = True, include_markers: bool = True,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Generate one image's blocks per prompt.
 
     Args:
         grid: ``(h, w)`` visual tokens of the image (the condition resolution / patch*merge).
         include_markers: return the hidden states of every position from ``<|vision_start|>`` up to
             ``<|vision_end|>`` (markers included), else of the visual blocks only.
+        progress: show a progress bar over the image's blocks.
     Returns:
         ``codes [B, h, w, N]`` (0..K-1), condition ``states [B, L, D]`` (pre-norm) and ``mask [B, L]``.
     """
@@ -255,7 +256,10 @@ def generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling: Samp
     B, N, device = len(prompts), lm.vocab.N, h.device
     codes = torch.zeros(B, h_rows * w_cols, N, dtype=torch.long, device=device)
     states, k = [], 0
-    for i, tok in enumerate(plan.tokens[:-1]):  # the last planned block, <|vision_end|>, is not needed
+    from tqdm.auto import tqdm
+
+    # the last planned block, <|vision_end|>, is not needed
+    for tok in tqdm(plan.tokens[:-1], desc="image blocks", disable=not progress, leave=False):
         if tok == VISUAL:
             c = draw.visual(h)
             codes[:, k] = c
