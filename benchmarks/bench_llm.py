@@ -1,0 +1,127 @@
+"""Unified LLM: next-block-prediction training step (tokens/s, MFU), slot-restricted vs full-vocabulary
+heads, and KV-cached vs uncached image generation.
+
+``--scale tiny`` (default on CPU) or ``0.6b`` / ``1.7b`` (Qwen3-sized random backbones, default 0.6b on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import report, timeit
+from kelix.hf import TINY_QWEN3
+
+QWEN3 = {
+    "0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                 rope_theta=1e6, tie_word_embeddings=True),
+    "1.7b": dict(model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                 rope_theta=1e6, tie_word_embeddings=True),
+    "tiny": TINY_QWEN3,
+}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def make_batch(lm, rows: int, length: int, visual_frac: float, device):
+    g = torch.Generator().manual_seed(0)
+    v = lm.vocab
+    tokens = torch.randint(0, min(v.visual_offset, 30000), (rows, length), generator=g)
+    is_vis = torch.rand(rows, length, generator=g) < visual_frac
+    tokens[is_vis] = -1
+    codes = torch.randint(0, v.K, (rows, length, v.N), generator=g)
+    codes[~is_vis] = -1
+    targets = torch.ones(rows, length, dtype=torch.bool)
+    targets[:, 0] = False
+    pos = torch.arange(length).expand(rows, -1).contiguous()
+    return [t.to(device) for t in (tokens, codes, pos, targets)]
+
+
+def train_step_flops(lm, blocks: int, length: int) -> float:
+    """6 * params * blocks for the backbone (+ its causal attention), the block decoder's share on top."""
+    cfg = lm.backbone.config
+    params = sum(p.numel() for n, p in lm.backbone.named_parameters() if "embed_tokens" not in n)
+    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * length  # causal: half of 12
+    dec = 6 * sum(p.numel() for p in lm.decoder.parameters()) * lm.vocab.N
+    return blocks * (6 * params + attn + dec)
+
+
+def main(argv=None):
+    from kelix.llm.generate import Sampling, generate_image
+    from kelix.llm.loss import nbp_loss
+    from kelix.llm.model import KelixLM, LLMConfig
+
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser()
+    p.add_argument("--scale", choices=list(QWEN3), default="0.6b" if cuda else "tiny")
+    p.add_argument("--rows", type=int, default=4 if cuda else 2)
+    p.add_argument("--length", type=int, default=4096 if cuda else 256)
+    p.add_argument("--visual-frac", type=float, default=0.5)
+    a = p.parse_args(argv)
+    device = "cuda" if cuda else "cpu"
+    big = a.scale != "tiny"
+    torch.manual_seed(0)
+    lm = KelixLM(LLMConfig(backbone_config=QWEN3[a.scale], text_tokenizer="builtin:bytes", N=8 if big else 4,
+                           K=8192 if big else 64, visual_input="table", attn_implementation="sdpa",
+                           **({} if big else dict(decoder_width=64, decoder_heads=2, decoder_ffn=128)))).to(device)
+    opt = torch.optim.AdamW([q for q in lm.parameters() if q.requires_grad], lr=1e-5, fused=cuda)
+    batch = make_batch(lm, a.rows, a.length, a.visual_frac, device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=cuda):
+            loss = nbp_loss(lm(*batch), lm.vocab.N)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = timeit(step, warmup=2, repeat=5 if cuda else 2)
+    blocks = a.rows * a.length
+    res = {"scale": a.scale, "rows": a.rows, "blocks_per_row": a.length, "N": lm.vocab.N, "K": lm.vocab.K,
+           "params_m": round(sum(q.numel() for q in lm.parameters()) / 1e6, 1),
+           "train_step_s": round(t, 4), "blocks_per_s": round(blocks / t, 1)}
+    peak = peak_flops()
+    if peak:
+        res["mfu"] = round(train_step_flops(lm, blocks, a.length) / t / peak, 3)
+        res["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+    # slot-restricted heads (K rows per code slot) vs a full-vocabulary head for every slot
+    lm.eval()
+    P = 2048 if cuda else 64
+    out = torch.randn(P, lm.hidden_size, device=device, dtype=dtype)
+    head = lm.lm_head.weight
+
+    def restricted():
+        return [lm.slot_logits(out, j, "visual") for j in range(lm.vocab.N)]
+
+    def full():
+        return [torch.nn.functional.linear(lm.final_norm(out), head) for _ in range(lm.vocab.N)]
+
+    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=cuda):
+        res["visual_slot_heads_restricted_s"] = round(timeit(restricted), 5)
+        res["visual_slot_heads_full_vocab_s"] = round(timeit(full), 5)
+        res["head_rows_restricted_vs_full"] = f"{lm.vocab.K} vs {head.shape[0]}"
+
+    # image generation: KV caches on vs recomputing the prefix every block
+    grid = (8, 8) if cuda else (3, 3)
+    with torch.autocast(device, dtype=dtype, enabled=cuda):
+        for name, kw in (("cached", {}), ("uncached", dict(use_cache=False, decoder_cache=False))):
+            gt = timeit(lambda kw=kw: generate_image(lm, ["a red circle"] * 4, grid, Sampling(seed=0), **kw),
+                        warmup=1, repeat=2)
+            res[f"generate_{grid[0]}x{grid[1]}_{name}_s"] = round(gt, 3)
+    return report("llm", **res)
+
+
+if __name__ == "__main__":
+    main()
