@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import signal
+from collections import deque
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -10,23 +13,91 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from kelix.data.processor import CollateWithStats, Processor
 from kelix.data.shards import Source, as_sources
-from kelix.data.stream import ShardStream
+from kelix.data.stream import ShardStream, uniform
 from kelix.data.synthetic import SyntheticData
 
 log = logging.getLogger("kelix.data")
 SourcesSpec = str | list[str] | list[Source] | None
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    # Preemption signals the whole process group: workers live on until the trainer has saved
+    # its checkpoint (they exit with their parent), instead of dying under the next batch fetch.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class ShardLoader(StatefulDataLoader):
-    """A StatefulDataLoader whose saved stream position can be ignored (``resume: restart``)."""
+    """A StatefulDataLoader whose saved position is that of the batches the model *consumed*.
+
+    Lightning fetches a batch ahead of the training step, so the live loader state is one batch
+    past the model; with ``track`` the loader keeps the state after each yielded batch and
+    :meth:`state_dict` returns the one after the last batch reported by :meth:`note_consumed`
+    (called by ShardDataModule's callback in ``on_train_batch_start``).
+    ``restart`` ignores any saved state (``resume: restart``); ``pinned`` ignores the state
+    Lightning loads (rank 0's copy) because this rank's own state was already applied.
+    """
 
     restart: bool = False
+    track: bool = False
+    pinned: bool = False
+
+    def __iter__(self):
+        it = super().__iter__()
+        if not self.track:
+            return it
+        self._consumed = self._yielded = 0
+        self._history = deque([(0, copy.deepcopy(it.state_dict()))])
+        return _TrackedIter(self, it)
+
+    def note_consumed(self) -> None:
+        self._consumed = getattr(self, "_consumed", 0) + 1
+        hist = getattr(self, "_history", None)
+        while hist and len(hist) > 1 and hist[0][0] < self._consumed:
+            hist.popleft()
+
+    def state_dict(self):
+        for n, state in getattr(self, "_history", ()):
+            if n == self._consumed:
+                return state
+        return super().state_dict()
 
     def load_state_dict(self, state_dict):
         if self.restart:
             log.warning("data.resume=restart: ignoring the saved stream position; the stream starts afresh")
             return
+        if self.pinned:
+            return
         super().load_state_dict(state_dict)
+
+
+class _TrackedIter:
+    def __init__(self, loader: ShardLoader, it):
+        self.loader, self.it = loader, it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        ld = self.loader
+        ld._yielded += 1
+        ld._history.append((ld._yielded, copy.deepcopy(self.it.state_dict())))
+        return batch
+
+    def __getattr__(self, name):  # Lightning and torchdata look at the real iterator's attributes
+        return getattr(self.it, name)
+
+
+class _ConsumedBatches(pl.Callback):
+    """Tells the training loader each time the model takes a batch (see :class:`ShardLoader`)."""
+
+    def __init__(self, datamodule: ShardDataModule):
+        self.datamodule = datamodule
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        loader = self.datamodule._loaders.get("train")
+        if loader is not None:
+            loader.note_consumed()
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -45,8 +116,12 @@ class ShardDataModule(pl.LightningDataModule):
         shuffle_buffer: raw samples held per source for shuffling (1 disables).
         seed: seed of shard order, shuffling and mixture draws.
         synthetic: generate these synthetic shards in ``prepare_data`` if they are missing.
-        resume: ``exact`` restores the stream position saved in a checkpoint; ``restart`` ignores
-            it and starts the stream afresh (needed when the number of devices or workers changed).
+        resume: ``exact`` restores every rank's stream position saved in a checkpoint, so the run
+            continues with exactly the samples the uninterrupted run would have seen (the number
+            of processes and ``num_workers`` must be those of the saved run; otherwise resuming
+            fails with a message saying so). ``restart`` ignores the saved position: the stream
+            starts a new pass, shuffled with a seed derived from ``seed`` and the resumed step
+            (samples seen before may be seen again; use it when the world size changed).
         prefetch_factor: batches prefetched per worker.
         pin_memory: pin host memory of batches (GPU training).
     """
@@ -81,6 +156,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.streams: dict[str, ShardStream] = {}
         self._loaders: dict[str, ShardLoader] = {}
+        self._train_state: dict | None = None  # this rank's saved loader state, applied to the next train loader
+        self._restart_step: int | None = None
 
     def prepare_data(self):
         if self.synthetic is not None:
@@ -99,6 +176,8 @@ class ShardDataModule(pl.LightningDataModule):
             )
             if self.trainer is not None:
                 stream.set_distributed(self.trainer.global_rank, self.trainer.world_size)
+            if split == "train" and self._restart_step is not None:
+                stream.seed = self._restart_seed()
             n = sum(len(s.urls) for s in sources)
             log.info("data.%s: %d shard(s) in %d source(s)", split, n, len(sources))
             self.streams[split] = stream
@@ -109,16 +188,60 @@ class ShardDataModule(pl.LightningDataModule):
         for split in wanted.get(stage, ["train", "val", "test", "predict"]):
             if self.specs.get(split) is not None:
                 self._stream(split)
+        trainer = self.trainer
+        if trainer is not None and not any(isinstance(c, _ConsumedBatches) for c in trainer.callbacks):
+            trainer.callbacks.append(_ConsumedBatches(self))
 
     def _loader(self, split: str) -> ShardLoader:
         stream = self._stream(split)
         bs = self.batch_size if split == "train" else self.val_batch_size
         kw = dict(prefetch_factor=self.prefetch_factor) if self.num_workers > 0 else {}
+        if self.num_workers > 0:
+            kw["worker_init_fn"] = _ignore_sigterm
         loader = ShardLoader(stream, batch_size=bs, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                    collate_fn=CollateWithStats(self.processor), **kw)
+                             collate_fn=CollateWithStats(self.processor), **kw)
         loader.restart = self.resume == "restart"
+        if split == "train":
+            loader.track = True
+            if self._train_state is not None:
+                StatefulDataLoader.load_state_dict(loader, self._train_state)
+                loader.pinned = True  # ignore rank 0's copy that Lightning loads next
+                self._train_state = None
         self._loaders[split] = loader
         return loader
+
+    # -- resume: every rank's position is gathered into the checkpoint (Lightning keeps only rank 0's)
+    def state_dict(self) -> dict:
+        """Called on every rank when a checkpoint is saved; rank 0's return value is what is stored."""
+        from kelix.training.resume import gather_to_rank0
+
+        loader = self._loaders.get("train")
+        states = gather_to_rank0(loader.state_dict() if loader is not None else None)
+        trainer = self.trainer
+        return {"version": 1, "world_size": len(states) if states else 0, "num_workers": self.num_workers,
+                "step": trainer.global_step if trainer is not None else 0, "train": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state or not state.get("train"):
+            return
+        if self.resume == "restart":
+            self._restart_step = int(state.get("step", 0))
+            if "train" in self.streams:
+                self.streams["train"].seed = self._restart_seed()
+            log.warning("data.resume=restart: the stream starts a new pass (seed from step %d)", self._restart_step)
+            return
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        saved_world, saved_workers = state["world_size"], state["num_workers"]
+        if saved_world != world or saved_workers != self.num_workers:
+            raise ValueError(
+                f"the checkpoint's data stream position was saved by {saved_world} process(es) x {saved_workers} "
+                f"worker(s) but this run has {world} x {self.num_workers}: resume with the same trainer.num_nodes, "
+                "trainer.devices and data.init_args.num_workers, or set data.init_args.resume: restart")
+        self._train_state = state["train"][rank]
+
+    def _restart_seed(self) -> int:
+        return int(uniform(self.seed, self._restart_step or 0, -3) * 2**62)
 
     def train_dataloader(self):
         return self._loader("train")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kelix.training.callbacks import DataHealth, Throughput
+from kelix.training.checkpoint import PREEMPTED_EXIT_CODE, KelixCheckpoint, find_last_checkpoint
 
 DEFAULT_RUN_NAME = "kelix"
 
@@ -19,16 +23,20 @@ class KelixCLI(LightningCLI):
     * ``model`` and ``data`` are chosen by ``class_path`` (a user's own classes included);
     * logs go to TensorBoard under ``runs/<name>/version_N`` (``name`` defaults to the recipe's
       file name) with the resolved config saved beside them;
-    * checkpointing (``save_last``), learning-rate, throughput and data-health monitors are always on
-      and configurable under ``checkpoint:``, ``lr_monitor:``, ``throughput:`` and ``data_health:``.
+    * checkpointing (:class:`~kelix.training.checkpoint.KelixCheckpoint`: atomic ``last.ckpt``,
+      saved on SIGTERM), learning-rate, throughput and data-health monitors are always on and
+      configurable under ``checkpoint:``, ``lr_monitor:``, ``throughput:`` and ``data_health:``;
+    * ``fit --ckpt_path last`` resumes the newest ``runs/<name>/version_N`` holding a
+      ``checkpoints/last.ckpt`` and keeps logging into that same directory.
     """
 
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--name", type=str | None, default=None,
                             help="run name: logs go to runs/<name>/version_N (default: the first recipe's file name)")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(KelixCheckpoint, "checkpoint")
+        # save_top_k 0: only `last` is written (a second copy of each checkpoint would double the I/O)
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500,
-                             "checkpoint.save_top_k": 1})
+                             "checkpoint.save_top_k": 0, "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(Throughput, "throughput")
@@ -45,23 +53,67 @@ class KelixCLI(LightningCLI):
         init = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
         if name and init is not None and getattr(init, "name", None) == DEFAULT_RUN_NAME:
             init.name = name
+        if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
+            cfg.ckpt_path = resolve_last(cfg, init)
+
+
+def _version_dirs(root: str) -> list[tuple[int, str]]:
+    found = []
+    for d in glob.glob(os.path.join(glob.escape(root), "version_*")):
+        m = re.fullmatch(r"version_(\d+)", os.path.basename(d))
+        if m and os.path.isdir(d):
+            found.append((int(m.group(1)), d))
+    return sorted(found, reverse=True)
+
+
+def resolve_last(cfg, logger_init) -> str:
+    """The checkpoint ``--ckpt_path last`` means; points the logger at its run directory.
+
+    ``checkpoint.dirpath`` if set, else the newest ``<save_dir>/<name>/version_N/checkpoints``
+    holding a complete ``last.ckpt``. No checkpoint is an error (Lightning would silently start
+    from scratch).
+    """
+    dirpath = cfg.get("checkpoint", {}).get("dirpath")
+    if dirpath:
+        path = find_last_checkpoint(str(dirpath))
+        if path is None:
+            raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in checkpoint.dirpath {str(dirpath)!r}")
+        return os.path.abspath(path)
+    if logger_init is None or getattr(logger_init, "save_dir", None) is None:
+        raise ValueError("--ckpt_path last needs the TensorBoard logger (runs/<name>/version_N) or "
+                         "checkpoint.dirpath; otherwise give the checkpoint's path")
+    root = os.path.join(str(logger_init.save_dir), str(logger_init.name or ""))
+    wanted = getattr(logger_init, "version", None)
+    for version, d in _version_dirs(root):
+        if wanted is not None and str(wanted) not in (str(version), os.path.basename(d)):
+            continue
+        path = find_last_checkpoint(os.path.join(d, "checkpoints"))
+        if path is not None:
+            logger_init.version = version  # keep logging (and checkpointing) into the same run
+            return os.path.abspath(path)
+    raise FileNotFoundError(f"--ckpt_path last: no checkpoint found under {root}/version_*/checkpoints/last.ckpt; "
+                            "start without --ckpt_path, or give the checkpoint's path")
 
 
 def run_lightning_cli(args: list[str]) -> KelixCLI:
-    return KelixCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": DEFAULT_RUN_NAME},
+    try:
+        return KelixCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf"},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": DEFAULT_RUN_NAME},
+                },
             },
-        },
-        args=args,
-    )
+            args=args,
+        )
+    except SIGTERMException as e:
+        # preempted: `last` is saved; a distinct status tells schedulers and scripts the run did not finish
+        raise SystemExit(PREEMPTED_EXIT_CODE) from e

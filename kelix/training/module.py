@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kelix.training.optim import OptimConfig, build_optimizer
+from kelix.training.resume import collect_rng_state, gather_to_rank0, pick_rank_state, set_rng_state
 
 log = logging.getLogger("kelix.training")
 
@@ -55,6 +56,8 @@ class KelixModule(pl.LightningModule):
         self.fsdp_param_dtype, self.fsdp_reshard_after_forward = fsdp_param_dtype, fsdp_reshard_after_forward
         self.skipped_steps = 0
         self._skipped_in_a_row = 0
+        self._skip_this_step = False
+        self._pending_rng: dict | None = None
         self._parallelized = False
 
     # -- to implement
@@ -87,6 +90,9 @@ class KelixModule(pl.LightningModule):
         return bool(ok > 0)
 
     def training_step(self, batch, batch_idx):
+        if self._pending_rng is not None:  # restored here, where the uninterrupted run would be
+            set_rng_state(self._pending_rng, owner=self)
+            self._pending_rng = None
         out = self.step(batch, "train")
         loss = out["loss"]
         if not self._finite_everywhere(loss):
@@ -94,16 +100,26 @@ class KelixModule(pl.LightningModule):
                 f"{k}={v.item():.4g}" for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1)
             if self.nonfinite == "stop":
                 raise NonFiniteLossError(msg + " (set model.init_args.nonfinite: skip to skip such steps)")
-            self.skipped_steps += 1
-            self._skipped_in_a_row += 1
-            log.warning("%s: step skipped (%d so far)", msg, self.skipped_steps)
-            self.log("train/skipped_steps", float(self.skipped_steps), rank_zero_only=True)
-            if self._skipped_in_a_row > self.max_skipped_steps:
-                raise NonFiniteLossError(f"{self._skipped_in_a_row} non-finite steps in a row; last: {msg}")
-            return None  # Lightning skips backward and the optimizer step
-        self._skipped_in_a_row = 0
+            log.warning("%s: the optimizer step is skipped", msg)
+            self._skip_this_step = True
+            # Backward still runs (on garbage) so every rank and DDP/FSDP2 see the same collectives;
+            # on_before_optimizer_step then drops the gradients of the whole accumulation window.
+            return loss
         self._log_terms(out, "train", batch)
         return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        if self._skip_this_step:
+            self._skip_this_step = False
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
+            self.skipped_steps += 1
+            self._skipped_in_a_row += 1
+            if self._skipped_in_a_row > self.max_skipped_steps:
+                raise NonFiniteLossError(f"{self._skipped_in_a_row} non-finite steps in a row (at step "
+                                         f"{self.global_step}); max_skipped_steps is {self.max_skipped_steps}")
+        else:
+            self._skipped_in_a_row = 0
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def validation_step(self, batch, batch_idx):
         out = self.step(batch, "val")
@@ -138,12 +154,16 @@ class KelixModule(pl.LightningModule):
             norm = norm.full_tensor()
         self.log("train/grad_norm", norm.float(), on_step=True, on_epoch=False)
 
-    # -- checkpoint bookkeeping
+    # -- checkpoint bookkeeping (hooks run on every rank: per-rank RNG states are gathered to rank 0)
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["kelix"] = {"skipped_steps": self.skipped_steps}
+        checkpoint["kelix"] = {"skipped_steps": self.skipped_steps, "rng": gather_to_rank0(collect_rng_state(self))}
 
     def on_load_checkpoint(self, checkpoint):
-        self.skipped_steps = checkpoint.get("kelix", {}).get("skipped_steps", 0)
+        saved = checkpoint.get("kelix", {})
+        self.skipped_steps = saved.get("skipped_steps", 0)
+        self._pending_rng = pick_rank_state(saved.get("rng"), "the random state", strict=False)
+        if saved.get("rng") and self._pending_rng is None:
+            log.warning("the number of processes changed since the checkpoint: random generators are not restored")
 
     # -- parallelism (math stays in the model files; this only wraps their blocks)
     def configure_model(self):
@@ -158,4 +178,4 @@ class KelixModule(pl.LightningModule):
         if mesh is not None:
             dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
             apply_fsdp2(self.parallel_roots(), self.parallel_blocks(), dp, param_dtype=self.fsdp_param_dtype,
-                        reshard_after_forward=self.fsdp_reshard_after_forward)
+                        reshard_after_forward=self.fsdp_reshard_after_forward, owner=self)

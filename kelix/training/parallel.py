@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
+from typing import Literal
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
@@ -23,10 +26,22 @@ def _replace_children(root: nn.Module, targets: Iterable[nn.Module], wrap) -> in
 
 
 def apply_activation_checkpointing(root: nn.Module, blocks: list[nn.Module]) -> int:
-    """Wrap each block so its activations are recomputed in backward (non-reentrant)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    """Wrap each block so its activations are recomputed in backward (non-reentrant).
 
-    return _replace_children(root, blocks, checkpoint_wrapper)
+    The wrapper's state-dict hooks drop its ``_checkpoint_wrapped_module.`` prefix, so checkpoints
+    and exported weights keep the model's own parameter names. Returns the number of blocks wrapped.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+        checkpoint_wrapper,
+    )
+
+    todo = [b for b in blocks if not isinstance(b, CheckpointWrapper)]
+    n = _replace_children(root, todo, checkpoint_wrapper)
+    if n != len(todo):
+        raise ValueError(f"activation checkpointing: {len(todo) - n} of {len(todo)} parallel_blocks() are not "
+                         "submodules of the LightningModule")
+    return n
 
 
 def apply_fsdp2(
@@ -35,9 +50,16 @@ def apply_fsdp2(
     mesh,
     param_dtype: str | None = None,
     reshard_after_forward: bool = True,
+    owner: nn.Module | None = None,
 ) -> None:
-    """``fully_shard`` each block (one all-gather per block), then each root for what remains."""
+    """``fully_shard`` each block (one all-gather per block), then each root for what remains.
+
+    With ``owner`` (the LightningModule), every parameter it holds must end up sharded: a
+    parameter left out would silently stay unsynchronised across ranks, so it is an error that
+    names the parameter.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
 
     dtype = DTYPES[param_dtype] if param_dtype else None
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
@@ -46,22 +68,45 @@ def apply_fsdp2(
     for root in roots:
         # roots run first and last; keeping them gathered saves one all-gather per step
         fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    if owner is not None:
+        loose = [n for n, p in owner.named_parameters() if not isinstance(p, DTensor)]
+        if loose:
+            raise ValueError(f"FSDP2: {len(loose)} parameter(s) are in no parallel_blocks()/parallel_roots() module, "
+                             f"e.g. {loose[0]!r}: return their module from parallel_roots()")
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """``ModelParallelStrategy`` defaulting to pure data parallelism: FSDP2 across all ranks.
+    """``ModelParallelStrategy`` for pure data parallelism: FSDP2 across all ranks.
 
     Lightning's default splits each node's devices into a tensor-parallel group; Kelix shards with
-    FSDP2 only, so ``data_parallel_size`` defaults to the world size and tensor parallelism to 1.
+    FSDP2 only, so the data-parallel size is the world size (``num_nodes * devices``). The model is
+    sharded in :meth:`kelix.training.module.KelixModule.configure_model`.
+
+    Args:
+        data_parallel_size: ranks that shard the model (``auto``: the world size).
+        tensor_parallel_size: must stay 1 (``auto`` means 1): Kelix has no tensor-parallel plan.
+        save_distributed_checkpoint: ``True`` saves a sharded checkpoint, a directory with one file
+            per rank (fast, any size; ``kelix convert-checkpoint`` turns it into an HF-style
+            directory); ``False`` gathers full weights and optimizer state on rank 0 into one file.
+        process_group_backend: ``nccl`` / ``gloo`` (default: by device).
+        timeout: collective timeout.
     """
 
-    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None, **kwargs):
-        kwargs.setdefault("data_parallel_size", "auto")
-        kwargs.setdefault("tensor_parallel_size", 1)
-        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
-                         process_group_backend=process_group_backend, **kwargs)
+    def __init__(
+        self,
+        data_parallel_size: int | Literal["auto"] = "auto",
+        tensor_parallel_size: int | Literal["auto"] = 1,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ):
+        if tensor_parallel_size not in (1, "auto"):
+            raise ValueError(f"FSDP2Strategy: tensor_parallel_size must be 1, got {tensor_parallel_size!r}")
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.num_nodes * self.num_processes // max(1, int(self._tensor_parallel_size))
+            self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()

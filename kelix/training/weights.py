@@ -1,7 +1,8 @@
 """Reading weights from the artifacts one stage hands to the next (``init_from:`` in a recipe).
 
 Accepted: an HF-style directory (``model.safetensors``, possibly sharded with an index), a
-``.safetensors`` file, or a Lightning ``.ckpt`` (read with ``weights_only=True``: never unpickled).
+``.safetensors`` file, a Lightning ``.ckpt`` (read with ``weights_only=True``: never unpickled), or a
+sharded (distributed) checkpoint directory written by ``FSDP2Strategy`` (read on one process).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"weights not found: {path!r}")
     if os.path.isdir(path):
+        from kelix.training.convert import is_sharded_checkpoint, read_sharded
+
+        if is_sharded_checkpoint(path):
+            return read_sharded(path)
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
             files = sorted(set(json.load(open(index))["weight_map"].values()))
@@ -33,7 +38,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(single):
             return load_file(single)
-        raise FileNotFoundError(f"{path!r} holds neither model.safetensors nor model.safetensors.index.json")
+        raise FileNotFoundError(f"{path!r} holds neither model.safetensors nor model.safetensors.index.json "
+                                "nor a distributed checkpoint")
     if path.endswith(".safetensors"):
         return load_file(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)

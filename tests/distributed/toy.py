@@ -1,0 +1,73 @@
+"""A tiny causal LM with transformer blocks, a byte processor and a key recorder for the resume tests.
+
+Imported by ``kelix fit`` subprocesses (``class_path: tests.distributed.toy.ToyLM``), so it stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning.pytorch as pl
+import torch
+
+from kelix.data.processor import Processor
+from kelix.hf import TINY_QWEN3, load_causal_lm
+from kelix.training.module import KelixModule
+
+SEQ = 24
+
+
+class ByteProcessor(Processor):
+    """The sample's text as byte ids (fixed length, padded with 0), keeping the key."""
+
+    def __call__(self, sample):
+        ids = list(sample.turns[0].text.encode())[:SEQ]
+        return {"key": sample.key, "ids": torch.tensor(ids + [0] * (SEQ - len(ids)))}
+
+    def collate(self, items):
+        return {"keys": [i["key"] for i in items], "ids": torch.stack([i["ids"] for i in items])}
+
+
+class ToyLM(KelixModule):
+    """``TINY_QWEN3`` trained on byte ids; ``parallel_blocks()`` are its decoder layers.
+
+    Args:
+        nan_at_step: make the loss NaN at this global step (on ``nan_rank`` only; -1: every rank).
+        nan_rank: which rank sees the NaN.
+    """
+
+    def __init__(self, nan_at_step: int | None = None, nan_rank: int = -1, **kwargs):
+        super().__init__(**kwargs)
+        torch.manual_seed(0)  # identical initial weights on every rank and in every run
+        self.lm = load_causal_lm(config=dict(TINY_QWEN3, num_hidden_layers=2))
+        self.nan_at_step, self.nan_rank = nan_at_step, nan_rank
+
+    def step(self, batch, split):
+        ids = batch["ids"]
+        out = self.lm(input_ids=ids, labels=ids)
+        loss = out.loss
+        if self.nan_at_step is not None and self.global_step == self.nan_at_step and split == "train":
+            if self.nan_rank < 0 or self.nan_rank == self.global_rank:
+                loss = loss * float("nan")
+        # noise from the global RNG: a resumed run must restore it to match
+        return {"loss": loss + 0.0 * torch.rand(()), "noise": torch.rand(())}
+
+    def parallel_blocks(self):
+        return list(self.lm.model.layers)
+
+
+class KeyRecorder(pl.Callback):
+    """Append ``{"rank", "batch", "step", "keys"}`` per training batch to ``<dir>/keys.<rank>.jsonl``.
+
+    ``batch`` counts batches over the whole run (epochs included), and is restored on resume.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        os.makedirs(self.out_dir, exist_ok=True)
+        rec = {"rank": trainer.global_rank, "batch": trainer.fit_loop.total_batch_idx, "step": trainer.global_step, "keys": batch["keys"]}
+        with open(os.path.join(self.out_dir, f"keys.{trainer.global_rank}.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
