@@ -105,7 +105,7 @@ class DiTModule(KelixModule):
                 raise ValueError(f"init_from {init_from}: {len(missing)} DiT tensor(s) missing (e.g. {missing[:2]}), "
                                  f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
             log.info("DiT weights loaded from %s", init_from)
-        self.ema = copy.deepcopy(self.dit).requires_grad_(False).eval()
+        self.ema = copy.deepcopy(self.dit).requires_grad_(False)
         condition = condition if condition is not None else PrecomputedConditions()
         vae_model = load_vae(self.vae_config)
         if vae_model.latent_channels != self.dit.latent_channels:
@@ -126,11 +126,6 @@ class DiTModule(KelixModule):
     # -- parallelism: both copies sharded block by block, identically (the EMA update is shard-local)
     def parallel_blocks(self) -> list[nn.Module]:
         return self.dit.blocks() + self.ema.blocks()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.ema.eval()
-        return self
 
     # -- randomness: its own stream per rank (seed_everything gives every rank the same global seed)
     def _rng(self) -> torch.Generator:
@@ -211,12 +206,15 @@ class DiTModule(KelixModule):
             return None
         self._sampled_at = self.global_step
         states, mask, x0 = self._sample_ref
+        was_training = self.ema.training
+        self.ema.eval()
         ctx = self.trainer.precision_plugin.forward_context() if self._trainer is not None else torch.autocast("cpu", enabled=False)
         with ctx:
             lat = sample_latents(self.ema, states, mask, latent_size=tuple(x0.shape[-2:]), steps=self.sample_steps,
                                  cfg_scale=self.sample_cfg, shift=self.flow.shift, seed=0,
                                  num_train_timesteps=self.flow.num_train_timesteps)
         reshard(self.ema)
+        self.ema.train(was_training)
         vae = self.frozen.to(self.device).vae
         grid = image_grid([vae.decode(x0), vae.decode(lat)])
         logger = self.logger if self._trainer is not None else None

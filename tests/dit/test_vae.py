@@ -1,0 +1,55 @@
+"""The frozen VAE: loading AutoencoderDC / AutoencoderKL from a local directory, latent scaling both ways."""
+
+import pytest
+import torch
+
+from kelix.dit.vae import TINY_DCAE, FrozenVAE, VAEConfig, load_vae
+
+TINY_KL = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+               up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1)
+
+
+def pixels(b=2, size=16):
+    return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def test_dc_vae_through_a_saved_directory_applies_the_scaling_factor(tmp_path):
+    vae = load_vae(VAEConfig(config=dict(TINY_DCAE, scaling_factor=0.5)))
+    assert (vae.downsample, vae.latent_channels, vae.scaling_factor) == (4, 4, 0.5)
+    assert not any(p.requires_grad for p in vae.parameters())
+    vae.vae.save_pretrained(tmp_path / "vae")
+    loaded = load_vae(VAEConfig(path=str(tmp_path / "vae")))
+    x = pixels()
+    z = loaded.encode(x)
+    assert z.shape == (2, 4, 4, 4)
+    assert torch.allclose(z, vae.vae.encode(x).latent * 0.5, atol=1e-6)
+    assert torch.allclose(loaded.decode(z), vae.vae.decode(z / 0.5).sample.clamp(-1, 1), atol=1e-6)
+
+
+def test_random_init_is_seeded_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b = load_vae(VAEConfig(seed=3)), load_vae(VAEConfig(seed=3))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_kl_vae_uses_the_posterior_mode_shift_and_scale():
+    vae = load_vae(VAEConfig(kind="kl", config=dict(TINY_KL, scaling_factor=2.0, shift_factor=0.1)))
+    assert isinstance(vae, FrozenVAE) and (vae.downsample, vae.shift_factor) == (2, 0.1)
+    x = pixels(size=8)
+    mode = vae.vae.encode(x).latent_dist.mode()
+    assert torch.allclose(vae.encode(x), (mode - 0.1) * 2.0, atol=1e-6)
+    overridden = load_vae(VAEConfig(kind="kl", config=TINY_KL, scaling_factor=3.0))
+    assert overridden.scaling_factor == 3.0
+
+
+def test_bad_input_fails_early(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a local diffusers VAE directory"):
+        load_vae(VAEConfig(path=str(tmp_path)))
+    with pytest.raises(ValueError, match="kind 'vq'"):
+        VAEConfig(kind="vq")
+    with pytest.raises(ValueError, match="not a valid AutoencoderDC config"):
+        load_vae(VAEConfig(config={"no_such_option": 1}))
+    with pytest.raises(ValueError, match="not a multiple of the VAE's downsampling 4"):
+        load_vae(VAEConfig()).encode(pixels(size=10))
