@@ -124,8 +124,10 @@ class LLMConditions(ConditionProvider):
         super().__init__()
         from kelix.llm.model import KelixLM
 
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"LLMConditions.dtype {dtype!r} is not float32, bfloat16 or float16")
         torch_dtype = getattr(torch, dtype)
-        self.lm = KelixLM.from_pretrained(lm).to(torch_dtype).eval().requires_grad_(False)
+        self.lm = KelixLM.from_pretrained(lm, dtype=dtype).to(torch_dtype).eval().requires_grad_(False)
         self.tokenizer = None
         if tokenizer is not None:
             from kelix.tokenizer.model import KelixTokenizer
@@ -135,12 +137,7 @@ class LLMConditions(ConditionProvider):
 
     @property
     def dim(self) -> int:
-        for owner in (self.lm, getattr(self.lm, "backbone", None), getattr(self.lm, "model", None)):
-            cfg = getattr(owner, "config", None)
-            size = getattr(cfg, "hidden_size", None) or getattr(getattr(cfg, "text_config", None), "hidden_size", None)
-            if size:
-                return int(size)
-        return None
+        return self.lm.hidden_size
 
     @torch.no_grad()
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +155,7 @@ class LLMConditions(ConditionProvider):
             images = [batch["cond_images"][i] for i in missing]
             for i, c in zip(missing, self.tokenizer.encode(images)):
                 codes[i] = c
-        device = next(self.lm.parameters()).device
-        codes = [torch.as_tensor(c, dtype=torch.long, device=device) for c in codes]
+        codes = [torch.as_tensor(c, dtype=torch.long) for c in codes]
         states, mask = image_condition_states(self.lm, list(batch["prompts"]), codes,
                                               include_markers=self.include_markers)
         return states.float(), mask.bool()
