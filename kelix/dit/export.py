@@ -65,34 +65,28 @@ def load_detokenizer(path: str, device: str | torch.device | None = None) -> DeT
     return out.to(device) if device is not None else out
 
 
-def _read_meta(meta: dict, source: str) -> dict:
-    if "kelix_dit" not in meta:
-        raise ValueError(f"{source} is not a DiTModule checkpoint (no 'kelix_dit' entry)")
-    return meta["kelix_dit"]
-
-
 def read_checkpoint(path: str, weights: str = "ema") -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(kelix_dit metadata, DiT state dict)`` of a DiTModule checkpoint (file or distributed directory)."""
-    from kelix.dit.model import DiTConfig, KelixDiT
+    """``(kelix_dit metadata, DiT state dict)`` of a DiTModule checkpoint (``.ckpt`` or sharded directory)."""
+    from kelix.training.convert import read_checkpoint as read_any
 
     prefix = {"ema": "ema.", "live": "dit."}[weights]
-    if os.path.isfile(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        meta = _read_meta(ckpt, path)
-        sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-        if not sd:
-            raise ValueError(f"{path}: no '{prefix}*' tensors in the state dict")
-        return meta, sd
-    if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise FileNotFoundError(f"{path!r} is neither a checkpoint file nor a distributed checkpoint directory")
-    import torch.distributed.checkpoint as dcp
+    sd, meta = read_any(path)
+    if "kelix_dit" not in meta:
+        raise ValueError(f"{path} is not a DiTModule checkpoint (no 'kelix_dit' entry in its metadata)")
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not sd:
+        raise ValueError(f"{path}: no '{prefix}*' tensors in the state dict")
+    return meta["kelix_dit"], sd
 
-    meta = _read_meta(torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True), path)
-    # the DiT built from the saved config is the template DCP loads into (only these keys are read)
-    net = KelixDiT(DiTConfig(**meta["dit"]))
-    template = {"state_dict": {prefix + k: v for k, v in net.state_dict().items()}}
-    dcp.load(template, checkpoint_id=path, no_dist=True)
-    return meta, {k[len(prefix):]: v for k, v in template["state_dict"].items()}
+
+def write_export(net, vae, flow: dict, out: str, state_dict: dict | None = None) -> str:
+    """Write a de-tokenizer directory: the DiT (``state_dict`` overrides its own), ``vae/``, ``flow.json``."""
+    net.save_pretrained(out, state_dict=state_dict)
+    if vae is not None:
+        save_vae(vae, os.path.join(out, "vae"))
+    with open(os.path.join(out, "flow.json"), "w") as f:  # the sampling shift must match training
+        json.dump(flow, f, indent=2)
+    return out
 
 
 def export(ckpt: str, out: str, weights: str = "ema", with_vae: bool = True) -> str:
@@ -103,12 +97,8 @@ def export(ckpt: str, out: str, weights: str = "ema", with_vae: bool = True) -> 
     meta, sd = read_checkpoint(ckpt, weights)
     net = KelixDiT(DiTConfig(**meta["dit"]))
     net.load_state_dict(sd, strict=True)
-    net.save_pretrained(out)
-    if with_vae:
-        save_vae(load_vae(VAEConfig(**meta["vae"])), os.path.join(out, "vae"))
-    with open(os.path.join(out, "flow.json"), "w") as f:  # the sampling shift must match training
-        json.dump(meta.get("flow", {}), f, indent=2)
-    return out
+    vae = load_vae(VAEConfig(**meta["vae"])) if with_vae else None
+    return write_export(net, vae, meta.get("flow", {}), out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,6 +156,23 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         return self.transformer(x, encoder_hidden_states=enc, timestep=timestep,
                                 encoder_attention_mask=enc_mask.to(enc.dtype), return_dict=False)[0]
 
+    def save_pretrained(self, save_directory, *, state_dict: dict | None = None, **kwargs):
+        """Write ``config.json`` + ``model.safetensors``; ``state_dict`` replaces the module's own
+        (the full weights gathered from an FSDP2-sharded copy)."""
+        self._export_state = state_dict
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self._export_state = None
+
+    def _save_pretrained(self, save_directory) -> None:
+        from safetensors.torch import save_file
+
+        sd = getattr(self, "_export_state", None)
+        sd = self.state_dict() if sd is None else sd
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()},
+                  os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
+
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks (one FSDP2 / activation-checkpointing unit each)."""
         return list(self.transformer.transformer_blocks)

@@ -15,7 +15,6 @@ TensorBoard.
 
 import copy
 import logging
-import os
 from dataclasses import asdict
 
 import torch
@@ -84,6 +83,8 @@ class DiTModule(KelixModule):
         num_samples: images in the grid (the first items of the first training batch, then fixed).
         sample_steps: Euler steps of those samples.
         sample_cfg: classifier-free guidance scale of those samples.
+        export_dir: when fit ends, write the de-tokenizer here (EMA weights, ``vae/``, ``flow.json``;
+            what ``kelix export-dit`` writes from a checkpoint).
         **kwargs: :class:`~kelix.training.module.KelixModule` options (``optim``, ``nonfinite``...).
     """
 
@@ -91,7 +92,7 @@ class DiTModule(KelixModule):
                  condition: ConditionProvider | None = None, flow: FlowConfig | None = None,
                  init_from: str | None = None, cond_dropout: float = 0.1, ema_decay: float = 0.9999,
                  ema_warmup: bool = True, sample_every_n_steps: int = 1000, num_samples: int = 4,
-                 sample_steps: int = 20, sample_cfg: float = 4.5, **kwargs):
+                 sample_steps: int = 20, sample_cfg: float = 4.5, export_dir: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
@@ -117,7 +118,7 @@ class DiTModule(KelixModule):
         self.frozen = _Frozen(vae_model, condition.requires_grad_(False).eval())
         self.cond_dropout, self.ema_decay, self.ema_warmup = cond_dropout, ema_decay, ema_warmup
         self.sample_every_n_steps, self.num_samples = sample_every_n_steps, num_samples
-        self.sample_steps, self.sample_cfg = sample_steps, sample_cfg
+        self.sample_steps, self.sample_cfg, self.export_dir = sample_steps, sample_cfg, export_dir
         self._gen: torch.Generator | None = None
         self._ema_step = 0
         self._sample_ref: tuple | None = None
@@ -195,6 +196,8 @@ class DiTModule(KelixModule):
     def on_train_end(self):
         if self.sample_every_n_steps > 0 and self.global_step != self._sampled_at:
             self.log_samples()
+        if self.export_dir:
+            self.export(self.export_dir)
 
     @torch.no_grad()
     def log_samples(self) -> torch.Tensor | None:
@@ -234,11 +237,18 @@ class DiTModule(KelixModule):
         self._ema_step = checkpoint.get("kelix_dit", {}).get("ema_step", 0)
 
     def export(self, out_dir: str, weights: str = "ema") -> str:
-        """Write the DiT (``ema`` or ``live`` weights) as ``out_dir`` (``config.json`` + ``model.safetensors``)
-        and its VAE as ``out_dir/vae``."""
-        from kelix.dit.export import save_vae
+        """Write the de-tokenizer (``ema`` or ``live`` weights) to ``out_dir``: ``config.json`` +
+        ``model.safetensors``, ``vae/``, ``flow.json``. Under FSDP2 every rank must call it (the
+        weights are gathered); rank 0 writes."""
+        from kelix.dit.export import write_export
 
         net = self.ema if weights == "ema" else self.dit
-        net.save_pretrained(out_dir)
-        save_vae(self.frozen.vae, os.path.join(out_dir, "vae"))
+        sd = None
+        if self.device_mesh is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self._trainer is None or self.global_rank == 0:
+            write_export(net, self.frozen.vae, asdict(self.flow), out_dir, state_dict=sd)
+            log.info("exported the DiT (%s weights) to %s", weights, out_dir)
         return out_dir

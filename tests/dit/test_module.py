@@ -76,7 +76,7 @@ def fitted(tmp_path_factory, synthetic_dir):
             "dit": {"cond_dim": COND_DIM, "transformer": TINY_SANA},
             "condition": {"class_path": "kelix.dit.conditions.PromptBytesConditions", "init_args": {"dim": COND_DIM}},
             "ema_decay": 0.5, "sample_every_n_steps": 2, "num_samples": 2, "sample_steps": 2, "sample_cfg": 2.0,
-            "optim": {"lr": 1e-3, "schedule": "constant"}}},
+            "export_dir": str(tmp / "export"), "optim": {"lr": 1e-3, "schedule": "constant"}}},
         "data": {"class_path": "kelix.data.datamodule.ShardDataModule", "init_args": {
             "train": [str(synthetic_dir / "caption-00000.tar"), str(synthetic_dir / "t2i-00000.tar")],
             "val": str(synthetic_dir / "t2i-00001.tar"),
@@ -123,6 +123,8 @@ def test_export_and_load_the_detokenizer(fitted, tmp_path):
 
     assert main([str(fitted / "checkpoints" / "last.ckpt"), str(tmp_path / "out")]) == 0
     det = load_detokenizer(str(tmp_path / "out"))
+    at_end = load_detokenizer(str(fitted.parents[2] / "export"))  # export_dir: written when fit ended
+    assert all(torch.equal(v, at_end.dit.state_dict()[k]) for k, v in det.dit.state_dict().items())
     ckpt = torch.load(fitted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     for k, v in det.dit.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"][f"ema.{k}"]), k
