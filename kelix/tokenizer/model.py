@@ -42,7 +42,9 @@ class TokenizerConfig:
             ``rvq`` (residual, N levels), ``fsq`` (finite scalar, ``prod(fsq_levels) == K``) or
             ``none`` (continuous baseline). N=1 with ``pq`` is plain VQ.
         fsq_levels: levels per FSQ dimension (``quantizer: fsq`` only).
-        norm: LayerNorm on the sub-vectors and on the projected codebooks (as in the official code).
+        norm: normalisation of the sub-vectors and of the projected codebooks: ``layernorm`` with a
+            learned affine per sub-codebook (as in the official code), ``fixed`` (LayerNorm without
+            affine: both sides keep a fixed scale, so L_VQ cannot shrink to zero by scaling) or ``none``.
         centroid_dim: width ``d_in`` of the frozen centroids (default: the encoder width D, i.e.
             k-means over ViT patch embeddings; ``merge^2 * D`` for merged features).
         codebook: centroids file written by ``kelix build-codebook`` (safetensors, ``centroids
@@ -64,7 +66,7 @@ class TokenizerConfig:
     out_dim: int = 1024
     quantizer: Literal["pq", "shared", "rvq", "fsq", "none"] = "pq"
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 4, 4])
-    norm: bool = True
+    norm: Literal["layernorm", "fixed", "none"] = "layernorm"
     centroid_dim: int | None = None
     codebook: str | None = None
     merger: bool = True

@@ -64,9 +64,36 @@ def nearest_codes(z: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 1).transpose(0, 1)
 
 
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the last dim with a separate affine per slot (``weight``/``bias`` ``[N, d]``)."""
-    return F.layer_norm(x, x.shape[-1:]) * weight + bias
+NORMS = ("layernorm", "fixed", "none")
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """LayerNorm over the last dim, with a separate affine per slot (``weight``/``bias`` ``[N, d]``) if given."""
+    x = F.layer_norm(x, x.shape[-1:])
+    return x if weight is None else x * weight + bias
+
+
+class _SlotNorm(nn.Module):
+    """LayerNorm of each slot's vectors: ``layernorm`` (learned affine per slot), ``fixed`` (no affine), ``none``."""
+
+    def __init__(self, kind: str, slots: int, d: int):
+        super().__init__()
+        if kind not in NORMS:
+            raise ValueError(f"norm {kind!r} is not one of {', '.join(NORMS)}")
+        self.kind = kind
+        if kind == "layernorm":
+            self.weight = nn.Parameter(torch.ones(slots, d))
+            self.bias = nn.Parameter(torch.zeros(slots, d))
+
+    def forward(self, x: torch.Tensor, slot_dim: int = -2) -> torch.Tensor:
+        """``x`` has its slots at ``slot_dim`` and features last."""
+        if self.kind == "none":
+            return x
+        if self.kind == "fixed":
+            return _layer_norm(x, None, None)
+        shape = [1] * x.ndim
+        shape[slot_dim], shape[-1] = self.weight.shape
+        return _layer_norm(x, self.weight.float().view(shape), self.bias.float().view(shape))
 
 
 class SimVQ(nn.Module):
@@ -77,27 +104,23 @@ class SimVQ(nn.Module):
         K: entries per sub-codebook.
         centroid_dim: ``d_in``, the width of the k-means centroids.
         d: code vector width.
-        norm: LayerNorm (with a learned affine per sub-codebook) on the projected codebooks.
+        norm: ``layernorm`` (learned affine per sub-codebook), ``fixed`` (no affine) or ``none``
+            on the projected codebooks.
     """
 
-    def __init__(self, num_books: int, K: int, centroid_dim: int, d: int, norm: bool = True):
+    def __init__(self, num_books: int, K: int, centroid_dim: int, d: int, norm: str = "layernorm"):
         super().__init__()
         # a buffer, not a parameter: frozen (SimVQ), saved, never seen by the optimizer
         self.register_buffer("centroids", torch.randn(num_books, K, centroid_dim))
         bound = 1 / math.sqrt(centroid_dim)  # nn.Linear's default init
         self.weight = nn.Parameter(torch.empty(num_books, centroid_dim, d).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(num_books, d).uniform_(-bound, bound))
-        self.norm = norm
-        if norm:
-            self.norm_weight = nn.Parameter(torch.ones(num_books, d))
-            self.norm_bias = nn.Parameter(torch.zeros(num_books, d))
+        self.norm = _SlotNorm(norm, num_books, d)
 
     def forward(self) -> torch.Tensor:
         """The searched codebooks ``[num_books, K, d]`` (float32)."""
         cb = torch.baddbmm(self.bias.float().unsqueeze(1), self.centroids.float(), self.weight.float())
-        if self.norm:
-            cb = _layer_norm(cb, self.norm_weight.float().unsqueeze(1), self.norm_bias.float().unsqueeze(1))
-        return cb
+        return self.norm(cb, slot_dim=0)
 
 
 class ProductQuantizer(nn.Module):
@@ -111,20 +134,19 @@ class ProductQuantizer(nn.Module):
         centroid_dim: width of the frozen centroids (``d_in``).
         beta: commitment weight of Eq. 3.
         mode: ``pq``, ``shared`` or ``rvq``.
-        norm: LayerNorm on sub-vectors and codebooks (``rvq``: on the input vector only).
+        norm: ``layernorm``, ``fixed`` or ``none`` on sub-vectors and codebooks (``rvq``: on the
+            input vector only).
     """
 
     def __init__(self, in_dim: int, N: int, K: int, d: int, centroid_dim: int, beta: float = 0.25,
-                 mode: str = "pq", norm: bool = True):
+                 mode: str = "pq", norm: str = "layernorm"):
         super().__init__()
         if mode not in ("pq", "shared", "rvq"):
             raise ValueError(f"ProductQuantizer mode {mode!r} is not pq, shared or rvq")
-        self.N, self.K, self.d, self.beta, self.mode, self.norm = N, K, d, beta, mode, norm
+        self.N, self.K, self.d, self.beta, self.mode = N, K, d, beta, mode
         self.proj_in = nn.Linear(in_dim, d if mode == "rvq" else N * d)
-        self.codebook = SimVQ(1 if mode == "shared" else N, K, centroid_dim, d, norm=norm and mode != "rvq")
-        if norm:
-            self.z_norm_weight = nn.Parameter(torch.ones(1 if mode == "rvq" else N, d))
-            self.z_norm_bias = nn.Parameter(torch.zeros(1 if mode == "rvq" else N, d))
+        self.codebook = SimVQ(1 if mode == "shared" else N, K, centroid_dim, d, norm="none" if mode == "rvq" else norm)
+        self.z_norm = _SlotNorm(norm, 1 if mode == "rvq" else N, d)
 
     def code_vectors(self) -> torch.Tensor:
         """``[N, K, d]``: the vector each code stands for (what the quantizer outputs for it)."""
@@ -137,10 +159,7 @@ class ProductQuantizer(nn.Module):
 
     def continuous(self, x: torch.Tensor) -> torch.Tensor:
         """The continuous sub-vectors z ``[T, N, d]`` (``[T, 1, d]`` for rvq) before quantization."""
-        z = self.proj_in(x).float().view(x.shape[0], -1, self.d)
-        if self.norm:
-            z = _layer_norm(z, self.z_norm_weight.float(), self.z_norm_bias.float())
-        return z
+        return self.z_norm(self.proj_in(x).float().view(x.shape[0], -1, self.d))
 
     def forward(self, x: torch.Tensor) -> QuantOutput:
         with torch.autocast(x.device.type, enabled=False):  # distances and losses in float32
@@ -236,16 +255,14 @@ class ContinuousAdapter(nn.Module):
         in_dim: width of the merged patch features.
         N: slots per token (fused like the quantized ones).
         d: slot width.
-        norm: LayerNorm on the slot vectors.
+        norm: ``layernorm``, ``fixed`` or ``none`` on the slot vectors.
     """
 
-    def __init__(self, in_dim: int, N: int, d: int, norm: bool = True):
+    def __init__(self, in_dim: int, N: int, d: int, norm: str = "layernorm"):
         super().__init__()
-        self.N, self.d, self.norm = N, d, norm
+        self.N, self.d = N, d
         self.proj_in = nn.Linear(in_dim, N * d)
-        if norm:
-            self.z_norm_weight = nn.Parameter(torch.ones(N, d))
-            self.z_norm_bias = nn.Parameter(torch.zeros(N, d))
+        self.z_norm = _SlotNorm(norm, N, d)
 
     def code_vectors(self) -> torch.Tensor:
         raise RuntimeError("the continuous baseline (quantizer: none) has no codes")
@@ -254,7 +271,5 @@ class ContinuousAdapter(nn.Module):
         raise RuntimeError("the continuous baseline (quantizer: none) has no codes")
 
     def forward(self, x: torch.Tensor) -> QuantOutput:
-        z = self.proj_in(x).view(x.shape[0], self.N, self.d)
-        if self.norm:
-            z = _layer_norm(z, self.z_norm_weight, self.z_norm_bias)
+        z = self.z_norm(self.proj_in(x).view(x.shape[0], self.N, self.d))
         return QuantOutput(z, None, z.new_zeros(()).float(), {})

@@ -37,7 +37,7 @@ def test_pq_searches_the_projected_codebooks_and_outputs_code_vectors():
     torch.testing.assert_close(out.terms["codebook"], mse)
     # the codebook really is LN(C W + b)
     c = q.codebook
-    manual = torch.nn.functional.layer_norm(c.centroids[1] @ c.weight[1] + c.bias[1], (8,)) * c.norm_weight[1] + c.norm_bias[1]
+    manual = torch.nn.functional.layer_norm(c.centroids[1] @ c.weight[1] + c.bias[1], (8,)) * c.norm.weight[1] + c.norm.bias[1]
     torch.testing.assert_close(cb[1], manual)
 
 

@@ -1,0 +1,62 @@
+import faiss
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.numpy import load_file
+
+from kelix.tokenizer.codebook import Reservoir, kmeans_codebook, main
+from kelix.tokenizer.model import TINY_TOKENIZER, KelixTokenizer, tiny_config
+
+
+def test_reservoir_keeps_everything_until_full_then_a_uniform_sample():
+    r = Reservoir(size=5, dim=1, seed=0)
+    r.add(np.arange(3, dtype=np.float32)[:, None])
+    assert r.rows[:, 0].tolist() == [0, 1, 2]
+    # over many seeds, each of 20 rows is kept with probability 5/20
+    hits = np.zeros(20)
+    for seed in range(400):
+        r = Reservoir(size=5, dim=1, seed=seed)
+        for chunk in np.array_split(np.arange(20, dtype=np.float32)[:, None], 3):
+            r.add(chunk)
+        assert len(np.unique(r.rows)) == 5 and r.seen == 20
+        hits[r.rows[:, 0].astype(int)] += 1
+    assert np.allclose(hits / 400, 0.25, atol=0.08)
+
+
+def test_kmeans_codebook_is_a_random_partition_of_faiss_centroids():
+    x = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
+    cb = kmeans_codebook(x, books=4, K=16, niter=10, seed=3)
+    assert cb.shape == (4, 16, 8)
+    ref = faiss.Kmeans(8, 64, niter=10, seed=3)
+    ref.train(x)
+    ours = cb.reshape(64, 8)
+    assert not np.array_equal(ours, ref.centroids)  # shuffled ...
+    key = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731
+    np.testing.assert_array_equal(key(ours), key(ref.centroids))  # ... but the same set
+    with pytest.raises(ValueError, match="at least S = 64"):
+        kmeans_codebook(x[:10], books=4, K=16)
+
+
+def test_build_codebook_verb_writes_centroids_the_tokenizer_loads(synthetic_dir, tmp_path):
+    out = tmp_path / "cb.safetensors"
+    cfg = {"tokenizer": {**TINY_TOKENIZER, "codebook": str(out)},
+           "shards": [str(synthetic_dir / "caption-*.tar"), str(synthetic_dir / "ocr-*.tar")]}
+    path = tmp_path / "cb.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(path), "--samples", "5000", "--niter", "5", "--num-workers", "0"]) == 0
+    c = load_file(str(out))["centroids"]
+    assert c.shape == (4, 32, 32)  # N, K, d_in = encoder width
+    tok = KelixTokenizer(tiny_config(codebook=str(out)))
+    tok.load_init_weights()
+    assert torch.equal(tok.quantizer.codebook.centroids, torch.from_numpy(c))
+
+
+def test_codebook_shape_mismatch_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"centroids": torch.zeros(4, 16, 32)}, str(bad))
+    tok = KelixTokenizer(tiny_config(codebook=str(bad)))
+    with pytest.raises(ValueError, match="do not match"):
+        tok.load_init_weights()
