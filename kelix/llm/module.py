@@ -37,8 +37,10 @@ class UnifiedLLMModule(KelixModule):
         init_from: earlier weights: a Kelix LLM directory (``export_dir`` of the previous stage,
             ``kelix export-llm`` or ``kelix unify-embeddings`` output; config and weights come from
             it), or a Lightning ``.ckpt`` / ``.safetensors`` loaded into the model ``lm`` builds.
-        unify: if the model reads visual inputs through the stage-1 projector, fold it into the
+        unify: if the model reads visual inputs through the stage-1 projector, switch it to the
             embedding table now (paper 4.3.3; same as ``kelix unify-embeddings``).
+        visual_table: how ``unify`` fills the visual rows: ``fold`` the projectors (paper) or keep
+            ``random`` rows (Table 7 exp2: no alignment).
         image_tokenizer: exported Kelix-Tok directory that encodes the batch's pixel images on the
             device (default: ``lm.image_tokenizer``); not needed when shards hold codes.
         freeze_backbone: freeze the backbone's embeddings, layers and final norm (stage 1).
@@ -61,6 +63,7 @@ class UnifiedLLMModule(KelixModule):
         lm: LLMConfig | None = None,
         init_from: str | None = None,
         unify: bool = False,
+        visual_table: Literal["fold", "random"] = "fold",
         image_tokenizer: str | None = None,
         freeze_backbone: bool = False,
         freeze_lm_head: bool = False,
@@ -79,6 +82,8 @@ class UnifiedLLMModule(KelixModule):
                          fsdp_reshard_after_forward)
         if block_loss not in ("sum", "equal_block"):
             raise ValueError(f"block_loss {block_loss!r} is not sum or equal_block")
+        if visual_table not in ("fold", "random"):
+            raise ValueError(f"visual_table {visual_table!r} is not fold or random")
         if init_from is not None and not os.path.exists(init_from):
             raise FileNotFoundError(f"init_from {init_from!r} does not exist")
         tok_path = image_tokenizer or (lm.image_tokenizer if lm is not None else None)
@@ -98,7 +103,7 @@ class UnifiedLLMModule(KelixModule):
         if unify and self.lm.visual is not None:
             from kelix.llm.unify import unify_embeddings
 
-            unify_embeddings(self.lm)
+            unify_embeddings(self.lm, visual_table)
         self.block_loss, self.export_dir, self.export_dtype = block_loss, export_dir, export_dtype
         self.sample_every_n_steps = sample_every_n_steps
         self.image_tokenizer_path = tok_path

@@ -20,30 +20,40 @@ log = logging.getLogger("kelix.llm")
 
 
 @torch.no_grad()
-def unify_embeddings(lm) -> None:
-    """Fold ``lm.visual`` (a :class:`~kelix.llm.embed.VisualProjector`) into ``lm``'s embedding table, in place."""
+def unify_embeddings(lm, mode: str = "fold") -> None:
+    """Switch ``lm`` from its stage-1 projector to visual rows of its embedding table, in place.
+
+    ``fold`` writes the projector's rows (paper 4.3.3). ``random`` drops the projector and keeps
+    the rows drawn when the vocabulary was extended (untouched by stage 1): Table 7 exp2, a
+    randomly initialised visual embedding table without alignment.
+    """
+    if mode not in ("fold", "random"):
+        raise ValueError(f"unify mode {mode!r} is not fold or random")
     if lm.visual is None:
         raise ValueError("the model already reads visual ids from its embedding table (nothing to unify)")
-    emb = lm.backbone.get_input_embeddings()
     v = lm.vocab
-    table = lm.visual.table().to(device=emb.weight.device, dtype=emb.weight.dtype)
-    emb.weight[v.visual_offset:v.visual_offset + v.S] = table
+    if mode == "fold":
+        emb = lm.backbone.get_input_embeddings()
+        table = lm.visual.table().to(device=emb.weight.device, dtype=emb.weight.dtype)
+        emb.weight[v.visual_offset:v.visual_offset + v.S] = table
     lm.visual = None
     lm.config.visual_input = "table"
-    log.info("unified: %d image rows folded into the embedding table", v.S)
+    log.info("unified (%s): %d image rows in the embedding table", mode, v.S)
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kelix unify-embeddings", description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, help="stage-1 Kelix LLM directory (export_dir / export-llm) or its .ckpt")
     p.add_argument("--out", required=True, help="output Kelix LLM directory (visual_input: table)")
+    p.add_argument("--mode", default="fold", choices=["fold", "random"],
+                   help="fold the projector (paper) or keep random visual rows (Table 7 exp2)")
     p.add_argument("--dtype", default=None, help="dtype of the written tensors (default: as stored)")
     args = p.parse_args(argv)
     from kelix.llm.export import load_lm
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     lm = load_lm(args.src)
-    unify_embeddings(lm)
+    unify_embeddings(lm, args.mode)
     lm.save_pretrained(args.out, dtype=args.dtype)
     print(f"wrote {args.out}")
     return 0

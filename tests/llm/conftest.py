@@ -1,0 +1,83 @@
+"""Tiny artifacts shared by the LLM tests: a random Kelix tokenizer and a random Qwen3 backbone, saved
+once per session and loaded back through the real paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DECODER = dict(decoder_width=32, decoder_layers=1, decoder_heads=2, decoder_ffn=64)
+
+
+@pytest.fixture(scope="session")
+def image_tokenizer():
+    from kelix.tokenizer.model import KelixTokenizer, tiny_config
+
+    torch.manual_seed(0)
+    return KelixTokenizer(tiny_config()).eval()  # N=4, K=32, d=16, out_dim=64
+
+
+@pytest.fixture(scope="session")
+def tok_dir(image_tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("image_tokenizer")
+    image_tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def plain_lm():
+    """The tiny Qwen3 the Kelix LLM is built on (its text rows stay untouched by the extension)."""
+    from kelix.hf import TINY_QWEN3, load_causal_lm
+
+    torch.manual_seed(0)
+    return load_causal_lm(config=TINY_QWEN3).eval()
+
+
+@pytest.fixture(scope="session")
+def backbone_dir(plain_lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("backbone")
+    plain_lm.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def make_lm(backbone_dir, tok_dir):
+    """Build a KelixLM on the saved tiny backbone (``projector`` mode reads the saved tokenizer)."""
+    from kelix.llm.model import KelixLM, LLMConfig
+
+    def make(seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        cfg = dict(backbone=backbone_dir, text_tokenizer="builtin:bytes", image_tokenizer=tok_dir, **DECODER)
+        return KelixLM(LLMConfig(**{**cfg, **overrides}))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def lm_table(make_lm):
+    return make_lm(visual_input="table").eval()
+
+
+@pytest.fixture(scope="session")
+def lm_projector(make_lm):
+    return make_lm(visual_input="projector").eval()
+
+
+def random_doc_batch(lm, lengths, seed=0, visual_every=3):
+    """Documents of random text ids with a visual block every few positions, as collate_docs input."""
+    from kelix.llm.layout import BlockDoc, ImageRef
+
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for n in lengths:
+        d = BlockDoc()
+        toks = torch.randint(0, 250, (n,), generator=g).tolist()
+        vis = [i for i in range(1, n) if i % visual_every == 0]
+        for i in vis:
+            toks[i] = -1
+        d.tokens, d.targets = toks, [i > 0 for i in range(n)]
+        if vis:
+            codes = torch.randint(0, lm.vocab.K, (1, len(vis), lm.vocab.N), generator=g)
+            d.images.append(ImageRef(1, len(vis), vis, codes=codes))
+        docs.append(d)
+    return docs

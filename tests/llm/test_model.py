@@ -1,0 +1,152 @@
+"""KelixLM: block encoder, parity with the plain transformers model, slot-restricted heads, packing,
+save/load."""
+
+import pytest
+import torch
+
+from kelix.llm.data import collate_docs
+from kelix.llm.loss import nbp_loss
+from kelix.llm.model import KelixLM
+
+from .conftest import random_doc_batch
+
+
+def test_block_encoder_sums_the_block_tokens_without_eob(lm_table):
+    lm, v = lm_table, lm_table.vocab
+    emb = lm.backbone.get_input_embeddings().weight
+    tokens = torch.tensor([[5, -1, 7, -1]])
+    codes = torch.full((1, 4, 4), -1)
+    codes[0, 1] = torch.tensor([3, 0, 31, 9])
+    codes[0, 3] = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        x = lm.embed_blocks(tokens, codes)
+        assert torch.equal(x[0, 0], emb[5]) and torch.equal(x[0, 2], emb[7])  # text block {t, eob} -> e(t)
+        for p in (1, 3):  # visual block {c_0..c_3, eob} -> sum_j e(offset + j*K + c_j)
+            rows = emb[v.code_to_id(codes[0, p])]
+            assert torch.equal(x[0, p], rows.sum(0))
+        # <eob> never enters: changing its row changes nothing
+        saved = emb[v.eob].clone()
+        emb[v.eob] += 100.0
+        try:
+            assert torch.equal(lm.embed_blocks(tokens, codes), x)
+        finally:
+            emb[v.eob] = saved
+
+
+def test_text_only_sequence_matches_the_plain_transformers_model(lm_table, plain_lm):
+    tokens = torch.randint(0, 259, (2, 9), generator=torch.Generator().manual_seed(0))
+    codes = torch.full((2, 9, 4), -1)
+    with torch.no_grad():
+        h, _ = lm_table.hidden(lm_table.embed_blocks(tokens, codes), None)
+        ref = plain_lm.model(input_ids=tokens, output_hidden_states=True)
+        torch.testing.assert_close(lm_table.final_norm(h), ref.last_hidden_state, rtol=0, atol=1e-6)
+        assert not torch.allclose(h, ref.last_hidden_state)  # h is taken before the final norm
+        # at initialisation the block decoder is the identity, so text logits are the plain LM's
+        pred = lm_table(tokens, codes, None, torch.ones_like(tokens, dtype=torch.bool))
+        plain_logits = plain_lm(input_ids=tokens).logits[:, :-1].reshape(-1, 320)
+        torch.testing.assert_close(pred.logits0[:, :320].isfinite(), torch.ones_like(plain_logits, dtype=torch.bool)
+                                   .index_fill_(1, torch.tensor([lm_table.vocab.eob]), False))
+        keep = torch.arange(320) != lm_table.vocab.eob
+        torch.testing.assert_close(pred.logits0[:, :320][:, keep], plain_logits[:, keep], rtol=0, atol=1e-5)
+
+
+def test_slot_logits_cover_only_the_legal_rows(lm_table):
+    lm, v = lm_table, lm_table.vocab
+    out = torch.randn(6, 64)
+    with torch.no_grad():
+        assert lm.slot_logits(out, 0).shape == (6, v.visual_offset + v.K)
+        assert lm.slot_logits(out, 0, "text").shape == (6, v.visual_offset)
+        assert torch.isinf(lm.slot_logits(out, 0)[:, v.eob]).all()  # eob never starts a block
+        full = lm.backbone.lm_head(lm.final_norm(out))
+        for j in range(1, v.N):
+            lo, hi = v.slot_range(j)
+            torch.testing.assert_close(lm.slot_logits(out, j), full[:, lo:hi])
+
+
+def test_sampling_never_leaves_the_legal_range(lm_table):
+    lm, v = lm_table, lm_table.vocab
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(400, 64) * 3
+    # push half of the rows towards images so both kinds are sampled
+    with torch.no_grad():
+        h[:200] += 5 * lm.lm_head.weight[v.visual_offset:v.visual_offset + v.K].mean(0)
+        ids, vis = lm.sample_block(h, temperature=1.5, generator=g)
+    assert vis.any() and (~vis).any()
+    assert ((ids[~vis, 0] >= 0) & (ids[~vis, 0] < v.visual_offset) & (ids[~vis, 0] != v.eob)).all()
+    assert (ids[~vis, 1:] == -1).all()
+    for j in range(v.N):
+        lo, hi = v.slot_range(j)
+        assert ((ids[vis, j] >= lo) & (ids[vis, j] < hi)).all()
+    # kind="text" forbids images; temperature 0 is greedy and deterministic
+    with torch.no_grad():
+        ids_t, vis_t = lm.sample_block(h, kind="text", generator=g)
+        assert not vis_t.any() and (ids_t[:, 0] < v.visual_offset).all()
+        a, _ = lm.sample_block(h, temperature=0)
+        b, _ = lm.sample_block(h, temperature=0)
+    assert torch.equal(a, b)
+
+
+def test_restricted_probabilities_put_no_mass_outside_the_legal_range(lm_table):
+    lm, v = lm_table, lm_table.vocab
+    out = torch.randn(5, 64)
+    with torch.no_grad():
+        for slot, kind in [(0, "any"), (0, "text"), (1, "visual"), (3, "visual")]:
+            lo, hi = v.slot_ranges(kind)[slot]
+            p = lm.slot_logits(out, slot, kind).softmax(-1)
+            full = torch.zeros(5, v.size)
+            full[:, lo:hi] = p
+            assert torch.allclose(full.sum(-1), torch.ones(5))
+            assert full[:, :lo].sum() == 0 and full[:, hi:].sum() == 0
+
+
+def test_packed_batch_equals_unpacked_batch(lm_table):
+    lm = lm_table
+    docs = random_doc_batch(lm, [7, 12, 5, 9], seed=1)
+    unpacked = collate_docs(docs, 4, pack=False)
+    packed = collate_docs(docs, 4, pack=True, max_blocks=20)
+    assert packed["tokens"].shape[0] == 2 and unpacked["tokens"].shape[0] == 4
+    with torch.no_grad():
+        outs = []
+        for b in (unpacked, packed):
+            pred = lm(b["tokens"], b["codes"], b["position_ids"], b["targets"], return_hidden=True)
+            outs.append((pred, nbp_loss(pred, 4)))
+    (pu, lu), (pp, lp) = outs
+    torch.testing.assert_close(lp["loss"], lu["loss"], rtol=0, atol=1e-5)
+    # the hidden state of every real block is the same, wherever its document sits
+    lengths = [len(d) for d in docs]
+    for b in (unpacked, packed):
+        b["where"] = []
+    for i, n in enumerate(lengths):
+        hu = pu.hidden[i, :n]
+        row, off = _find(packed, docs[i])
+        hp = pp.hidden[row, off:off + n]
+        torch.testing.assert_close(hp, hu, rtol=0, atol=1e-5)
+    assert lu["blocks_visual"] == lp["blocks_visual"] > 0
+
+
+def _find(batch, doc):
+    n = len(doc)
+    t = torch.tensor(doc.tokens)
+    for r in range(batch["tokens"].shape[0]):
+        for off in range(batch["tokens"].shape[1] - n + 1):
+            if batch["position_ids"][r, off] == 0 and torch.equal(batch["tokens"][r, off:off + n], t):
+                return r, off
+    raise AssertionError("document not found in the packed batch")
+
+
+@pytest.mark.parametrize("mode", ["table", "projector"])
+def test_save_and_load_round_trip(make_lm, tmp_path, mode):
+    lm = make_lm(seed=2, visual_input=mode)
+    lm.save_pretrained(tmp_path / "lm")
+    back = KelixLM.from_pretrained(tmp_path / "lm")
+    assert back.portable_config() == lm.portable_config() and back.vocab == lm.vocab
+    assert (back.visual is None) == (mode == "table")
+    sd, sd2 = lm.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert (tmp_path / "lm" / "backbone" / "config.json").is_file()  # transformers can read the backbone alone
+    assert back.text_tokenizer("<|eob|>", add_special_tokens=False)["input_ids"] == [lm.vocab.eob]
+
+
+def test_loading_a_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Kelix LLM directory"):
+        KelixLM.from_pretrained(tmp_path / "nope")
