@@ -172,7 +172,9 @@ class UnifiedLLMModule(KelixModule):
         if not pixels:
             return batch["codes"]
         tok = self.image_tokenizer.to(self.device)
-        q, grids = tok.quantize([p.to(self.device) for p in pixels])
+        # in the tokenizer's own precision, not the run's autocast: the same codes as `kelix tokenize`
+        with torch.autocast(self.device.type, enabled=False):
+            q, grids = tok.quantize([p.to(self.device, torch.float32) for p in pixels])
         want = [tuple(g) for g in batch["image_grids"].tolist()]
         if [tuple(g) for g in grids] != want:
             raise ValueError(f"image tokenizer grids {grids[:3]} differ from the processor's {want[:3]}: "

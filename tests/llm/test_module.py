@@ -116,3 +116,18 @@ def test_bad_paths_fail_before_any_model_is_built(tmp_path):
                          image_tokenizer=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="block_loss"):
         UnifiedLLMModule(LLMConfig(backbone_config={"model_type": "qwen3"}, N=4, K=32), block_loss="mean")
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(shard, tok_dir, backbone_dir):
+    batch = _batch(_processor(), shard)
+    grads = []
+    for ac in (False, True):
+        m = _module(tok_dir, backbone_dir, activation_checkpointing=ac)
+        m.configure_model()  # no device mesh: only checkpointing is applied
+        loss = m.step(batch, "train")["loss"]
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6)
