@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import warnings
 
 import torch
 
@@ -47,7 +48,9 @@ def read_sharded(path: str, prefix: str = "state_dict.") -> dict[str, torch.Tens
                 if isinstance(m, TensorStorageMetadata) and k.startswith(prefix)}
     if not template:
         raise ValueError(f"{path}: no tensor under {prefix!r}")
-    dcp.load(template, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process.*")
+        dcp.load(template, storage_reader=reader, no_dist=True)
     return {k[len(prefix):]: v for k, v in template.items()}
 
 

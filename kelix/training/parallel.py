@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import timedelta
 from typing import Literal
 
@@ -14,34 +13,32 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _replace_children(root: nn.Module, targets: Iterable[nn.Module], wrap) -> int:
-    ids = {id(m) for m in targets}
-    n = 0
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) in ids:
-                setattr(parent, name, wrap(child))
-                n += 1
-    return n
-
-
 def apply_activation_checkpointing(root: nn.Module, blocks: list[nn.Module]) -> int:
-    """Wrap each block so its activations are recomputed in backward (non-reentrant).
+    """Recompute each block's activations in backward (non-reentrant), with the composable API.
 
-    The wrapper's state-dict hooks drop its ``_checkpoint_wrapped_module.`` prefix, so checkpoints
-    and exported weights keep the model's own parameter names. Returns the number of blocks wrapped.
+    Unlike ``checkpoint_wrapper``, nothing is renamed: parameter names, state dicts, optimizer
+    groups and consolidated checkpoints keep the model's own names, and the blocks stay the same
+    objects (FSDP2's ``fully_shard`` composes with it). Returns the number of blocks newly set up.
     """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointWrapper,
-        checkpoint_wrapper,
-    )
+    from torch.distributed._composable import checkpoint
 
-    todo = [b for b in blocks if not isinstance(b, CheckpointWrapper)]
-    n = _replace_children(root, todo, checkpoint_wrapper)
-    if n != len(todo):
-        raise ValueError(f"activation checkpointing: {len(todo) - n} of {len(todo)} parallel_blocks() are not "
+    inside = {id(m) for m in root.modules()}
+    foreign = [b for b in blocks if id(b) not in inside]
+    if foreign:
+        raise ValueError(f"activation checkpointing: {len(foreign)} of {len(blocks)} parallel_blocks() are not "
                          "submodules of the LightningModule")
+    n = 0
+    for block in blocks:
+        if not is_checkpointed(block):
+            checkpoint(block)
+            n += 1
     return n
+
+
+def is_checkpointed(module: nn.Module) -> bool:
+    from torch.distributed._composable import checkpoint
+
+    return checkpoint.state(module) is not None
 
 
 def apply_fsdp2(

@@ -117,15 +117,15 @@ def batches_seen(key_dir, rank: int = 0) -> int:
         return sum(1 for _ in f)
 
 
-def key_sequence(key_dir, world: int = 2) -> dict[int, list[tuple[int, list[str]]]]:
-    """Per rank, the keys of each training batch index; a replayed batch (after a resume) replaces the
-    earlier record of the same index, so this is what the final model was trained on."""
+def key_sequence(key_dir, world: int = 2) -> dict[int, list[tuple[int, list[str], float]]]:
+    """Per rank, ``(batch index, keys, RNG draw)`` of each training batch; a replayed batch (after a
+    resume) replaces the earlier record of the same index, so this is what the final model saw."""
     out = {}
     for rank in range(world):
-        by_batch: dict[int, list[str]] = {}
+        by_batch: dict[int, tuple] = {}
         with open(os.path.join(key_dir, f"keys.{rank}.jsonl")) as f:
             for line in f:
                 rec = json.loads(line)
-                by_batch[rec["batch"]] = rec["keys"]
-        out[rank] = sorted(by_batch.items())
+                by_batch[rec["batch"]] = (rec["keys"], rec["noise"])
+        out[rank] = [(b, *v) for b, v in sorted(by_batch.items())]
     return out

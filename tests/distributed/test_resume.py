@@ -34,7 +34,7 @@ def assert_same_checkpoint(a: str, b: str):
 def assert_same_keys(run_keys, ref_keys):
     got, want = launch.key_sequence(run_keys), launch.key_sequence(ref_keys)
     assert got == want
-    flat = [k for rank in want.values() for _, keys in rank for k in keys]
+    flat = [k for rank in want.values() for _, keys, _ in rank for k in keys]
     assert len(flat) == STEPS * ACCUMULATE * 2 * 2 and len(set(flat)) == len(flat)  # one pass: no sample twice
 
 

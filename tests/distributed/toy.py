@@ -35,10 +35,13 @@ class ToyLM(KelixModule):
     Args:
         nan_at_step: make the loss NaN at this global step (on ``nan_rank`` only; -1: every rank).
         nan_rank: which rank sees the NaN.
+        nan_batches: also make the loss NaN at these micro-batch indices (counted over the run).
     """
 
-    def __init__(self, nan_at_step: int | None = None, nan_rank: int = -1, **kwargs):
+    def __init__(self, nan_at_step: int | None = None, nan_rank: int = -1, nan_batches: list[int] | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.nan_batches = set(nan_batches or [])
         torch.manual_seed(0)  # identical initial weights on every rank and in every run
         self.lm = load_causal_lm(config=dict(TINY_QWEN3, num_hidden_layers=2))
         self.nan_at_step, self.nan_rank = nan_at_step, nan_rank
@@ -50,24 +53,42 @@ class ToyLM(KelixModule):
         if self.nan_at_step is not None and self.global_step == self.nan_at_step and split == "train":
             if self.nan_rank < 0 or self.nan_rank == self.global_rank:
                 loss = loss * float("nan")
-        # noise from the global RNG: a resumed run must restore it to match
-        return {"loss": loss + 0.0 * torch.rand(()), "noise": torch.rand(())}
+        if split == "train" and self.trainer.fit_loop.total_batch_idx in self.nan_batches:
+            loss = loss * float("inf")
+        # a draw from the global RNG, recorded with the keys: a resumed run must restore the RNG to match
+        noise = torch.rand(())
+        if split == "train":
+            self.last_noise = float(noise)
+        return {"loss": loss, "noise": noise}
 
     def parallel_blocks(self):
         return list(self.lm.model.layers)
 
 
 class KeyRecorder(pl.Callback):
-    """Append ``{"rank", "batch", "step", "keys"}`` per training batch to ``<dir>/keys.<rank>.jsonl``.
+    """Append ``{"rank", "batch", "step", "keys", "noise"}`` per training batch to ``<dir>/keys.<rank>.jsonl``.
 
-    ``batch`` counts batches over the whole run (epochs included), and is restored on resume.
+    ``batch`` counts batches over the whole run (epochs included), and is restored on resume;
+    ``noise`` is the model's draw from the global RNG in that batch.
     """
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         os.makedirs(self.out_dir, exist_ok=True)
-        rec = {"rank": trainer.global_rank, "batch": trainer.fit_loop.total_batch_idx, "step": trainer.global_step, "keys": batch["keys"]}
+        rec = {"rank": trainer.global_rank, "batch": trainer.fit_loop.total_batch_idx, "step": trainer.global_step,
+               "keys": batch["keys"], "noise": pl_module.last_noise}
         with open(os.path.join(self.out_dir, f"keys.{trainer.global_rank}.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
+
+
+class ToyLMWithLooseParameter(ToyLM):
+    """A parameter held by the LightningModule itself, in no module FSDP2 shards (a mistake to catch)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def parallel_roots(self):
+        return [self.lm]
