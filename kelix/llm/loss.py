@@ -1,4 +1,5 @@
-"""Next-block prediction loss (paper Eq. 6) over slot-restricted logits.
+"""Next-block prediction loss (paper Eq. 6) from the model's per-token NLLs over slot-restricted logits
+(:meth:`~kelix.llm.model.KelixLM.slot_nll`, computed chunk by chunk inside the model's forward).
 
 Per target block the negative log-likelihood of its tokens: slot 0 (a text id or a code of
 sub-codebook 0), then the codes of slots 1..N-1 of a visual block. ``<eob>`` is implied by the block
@@ -17,7 +18,6 @@ kind: its probability under the slot restriction is 1 and its NLL exactly 0, so 
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from kelix.llm.model import BlockPrediction
 
@@ -34,12 +34,7 @@ def nbp_loss(pred: BlockPrediction, N: int, block_loss: str = "sum") -> dict[str
     if block_loss not in BLOCK_LOSSES:
         raise ValueError(f"block_loss {block_loss!r} is not one of {', '.join(BLOCK_LOSSES)}")
     vis = pred.is_visual
-    nll0 = F.cross_entropy(pred.logits0.float(), pred.labels0, reduction="none")  # [P]
-    if pred.code_logits.numel():
-        nll_c = F.cross_entropy(pred.code_logits.float().flatten(0, 1), pred.code_labels.flatten(),
-                                reduction="none").view(pred.code_labels.shape)  # [Pv, N-1]
-    else:
-        nll_c = nll0.new_zeros(int(vis.sum()), 0)
+    nll0, nll_c = pred.nll0, pred.nll_codes  # [P], [Pv, N-1]
     n_text, n_vis = int((~vis).sum()), int(vis.sum())
     zero = nll0.sum() * 0.0  # keeps the graph connected when a kind is absent
     if block_loss == "sum":
@@ -53,7 +48,7 @@ def nbp_loss(pred: BlockPrediction, N: int, block_loss: str = "sum") -> dict[str
         loss = total / max(1, n_text * m_text + n_vis * m_vis)
     out = {"loss": loss}
     with torch.no_grad():
-        pred0 = pred.logits0.argmax(-1) == pred.labels0
+        pred0 = pred.hit0
         out["nll_text"] = nll0[~vis].mean() if n_text else zero.detach()
         out["acc_text"] = pred0[~vis].float().mean() if n_text else zero.detach()
         if n_vis:
@@ -61,10 +56,7 @@ def nbp_loss(pred: BlockPrediction, N: int, block_loss: str = "sum") -> dict[str
             out["nll_visual"] = codes_nll.mean()
             for j in range(N):
                 out[f"nll_slot{j}"] = codes_nll[:, j].mean()
-            hits = [pred0[vis][:, None]]
-            if pred.code_logits.numel():
-                hits.append(pred.code_logits.argmax(-1) == pred.code_labels)
-            out["acc_visual"] = torch.cat(hits, 1).float().mean()
+            out["acc_visual"] = torch.cat([pred0[vis][:, None], pred.hit_codes.to(pred0.device)], 1).float().mean()
         out["blocks_text"] = nll0.new_tensor(float(n_text))
         out["blocks_visual"] = nll0.new_tensor(float(n_vis))
     return out

@@ -61,6 +61,8 @@ class LLMConfig:
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (default: flash when
             installed on a GPU, else sdpa).
         row_marker: text of each image row's marker (see :class:`~kelix.llm.layout.Layout`).
+        loss_chunk: target positions whose vocabulary-wide logits exist at once in the loss (the
+            rest are recomputed in backward); bounds the ``[P, visual_offset + K]`` memory.
         visual_offset: first visual id; set when the vocabulary is extended (do not set by hand).
         vq_dim: tokenizer code-vector width d (``projector`` mode; set from the image tokenizer).
         vq_out_dim: tokenizer up-projector width (``projector`` mode; set from the image tokenizer).
@@ -82,6 +84,7 @@ class LLMConfig:
     dtype: str | None = None
     attn_implementation: str | None = None
     row_marker: str = "{row},{cols}"
+    loss_chunk: int = 2048
     visual_offset: int | None = None
     vq_dim: int | None = None
     vq_out_dim: int | None = None
@@ -96,25 +99,35 @@ class LLMConfig:
 
 @dataclass
 class BlockPrediction:
-    """Teacher-forced predictions for the target blocks of a batch (P targets, Pv of them visual).
+    """Teacher-forced next-block predictions for the target blocks of a batch (P targets, Pv visual).
 
     Args:
-        logits0: ``[P, visual_offset + K]`` slot-0 logits (text ids and sub-codebook 0).
+        nll0: ``[P]`` negative log-likelihood of slot 0 (a text id or a code of sub-codebook 0).
+        hit0: ``[P]`` the slot-0 argmax is right.
+        argmax0: ``[P]`` the slot-0 argmax id.
         labels0: ``[P]`` slot-0 ids.
         is_visual: ``[P]`` the target block is visual.
-        code_logits: ``[Pv, N-1, K]`` logits of slots 1..N-1 of visual targets.
+        nll_codes: ``[Pv, N-1]`` NLL of slots 1..N-1 of visual targets.
+        hit_codes: ``[Pv, N-1]`` their argmax is right.
         code_labels: ``[Pv, N-1]`` their codes (0..K-1).
         where: ``(row, position)`` of each target's predicting hidden state.
-        hidden: ``[B, L, D]`` pre-norm hidden states (when asked for).
+        hidden: ``[B, L, D]`` pre-norm hidden states (``return_hidden``).
+        logits0: ``[P, visual_offset + K]`` slot-0 logits (``return_logits``; never kept in training).
+        code_logits: ``[Pv, N-1, K]`` logits of slots 1..N-1 (``return_logits``).
     """
 
-    logits0: torch.Tensor
+    nll0: torch.Tensor
+    hit0: torch.Tensor
+    argmax0: torch.Tensor
     labels0: torch.Tensor
     is_visual: torch.Tensor
-    code_logits: torch.Tensor
+    nll_codes: torch.Tensor
+    hit_codes: torch.Tensor
     code_labels: torch.Tensor
     where: tuple[torch.Tensor, torch.Tensor]
     hidden: torch.Tensor | None = None
+    logits0: torch.Tensor | None = None
+    code_logits: torch.Tensor | None = None
 
 
 def _final_norm(backbone) -> nn.Module:
@@ -301,8 +314,27 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
                     logits[..., banned - lo] = float("-inf")
         return logits
 
+    def slot_nll(self, out: torch.Tensor, slot: int, target: torch.Tensor, chunk: int | None = None):
+        """NLL ``[P]``, hit ``[P]`` and argmax ``[P]`` (a column of ``slot_logits``) of ``target`` (also a
+        column index). Logits exist one chunk of rows at a time, recomputed in backward: a vocabulary-
+        wide ``[P, V]`` tensor is never kept."""
+        chunk = chunk or self.config.loss_chunk
+
+        def f(o, t):
+            logits = self.slot_logits(o, slot).float()
+            best = logits.argmax(-1)
+            return nn.functional.cross_entropy(logits, t, reduction="none"), best == t, best
+
+        if out.shape[0] <= chunk or not torch.is_grad_enabled():
+            return f(out, target)
+        from torch.utils.checkpoint import checkpoint
+
+        parts = [checkpoint(f, out[s:s + chunk], target[s:s + chunk], use_reentrant=False)
+                 for s in range(0, out.shape[0], chunk)]
+        return tuple(torch.cat(x) for x in zip(*parts))
+
     def forward(self, tokens: torch.Tensor, codes: torch.Tensor, position_ids: torch.Tensor | None,
-                targets: torch.Tensor, return_hidden: bool = False) -> BlockPrediction:
+                targets: torch.Tensor, return_hidden: bool = False, return_logits: bool = False) -> BlockPrediction:
         """Teacher-forced next-block prediction: block i+1 is predicted from h_i where ``targets[:, i+1]``."""
         N, K, vo = self.vocab.N, self.vocab.K, self.vocab.visual_offset
         h, _ = self.hidden(self.embed_blocks(tokens, codes), position_ids)
@@ -315,7 +347,7 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         if bool((~is_vis).any()):
             out0[~is_vis] = self.decoder(hs[~is_vis][:, None])[:, 0].to(out0.dtype)
         vis_codes = nxt_codes[is_vis]
-        code_logits = hs.new_zeros(0, N - 1, K)
+        vout = hs.new_zeros(0, N, hs.shape[-1])
         if bool(is_vis.any()):
             x = hs[is_vis][:, None]
             if N > 1:  # teacher forcing: e(c_0..c_{N-2}) after h
@@ -323,10 +355,19 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
                 x = torch.cat([x, self.code_embed(j, vis_codes[:, : N - 1]).to(x.dtype)], 1)
             vout = self.decoder(x)
             out0[is_vis] = vout[:, 0].to(out0.dtype)
-            if N > 1:
-                code_logits = torch.stack([self.slot_logits(vout[:, j], j) for j in range(1, N)], 1)
-        return BlockPrediction(self.slot_logits(out0, 0), labels0, is_vis, code_logits, vis_codes[:, 1:],
-                               (rows, pos), h if return_hidden else None)
+        nll0, hit0, arg0 = self.slot_nll(out0, 0, labels0)
+        per_slot = [self.slot_nll(vout[:, j], j, vis_codes[:, j]) for j in range(1, N)]
+        if per_slot:
+            nll_c, hit_c = torch.stack([p[0] for p in per_slot], 1), torch.stack([p[1] for p in per_slot], 1)
+        else:
+            nll_c, hit_c = nll0.new_zeros(vout.shape[0], 0), hit0.new_zeros(vout.shape[0], 0)
+        pred = BlockPrediction(nll0, hit0, arg0, labels0, is_vis, nll_c, hit_c, vis_codes[:, 1:], (rows, pos),
+                               h if return_hidden else None)
+        if return_logits:
+            pred.logits0 = self.slot_logits(out0, 0)
+            pred.code_logits = (torch.stack([self.slot_logits(vout[:, j], j) for j in range(1, N)], 1) if N > 1
+                                else hs.new_zeros(vout.shape[0], 0, K))
+        return pred
 
     # -- generation helpers (the KV-cached generator builds on these)
     def new_decoder_cache(self):

@@ -223,7 +223,7 @@ class UnifiedLLMModule(KelixModule):
             return
         row = pred.where[0] == 0
         truth = pred.labels0[row].tolist()
-        guess = pred.logits0[row].argmax(-1).tolist()
+        guess = pred.argmax0[row].tolist()
         text = (f"**target** (▣ = visual block): {self._describe(truth)}\n\n"
                 f"**predicted** (teacher forced, slot 0 argmax): {self._describe(guess)}")
         self.logger.experiment.add_text(f"{split}/sample", text, self.global_step)

@@ -4,9 +4,18 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from kelix.llm.loss import nbp_loss
 from kelix.llm.model import BlockPrediction
+
+
+def from_logits(logits0, labels0, is_visual, code_logits, code_labels) -> BlockPrediction:
+    nll0 = F.cross_entropy(logits0, labels0, reduction="none")
+    nll_c = F.cross_entropy(code_logits.flatten(0, 1), code_labels.flatten(), reduction="none").view(code_labels.shape)
+    where = (torch.zeros(len(labels0), dtype=torch.long), torch.arange(len(labels0)))
+    return BlockPrediction(nll0, logits0.argmax(-1) == labels0, logits0.argmax(-1), labels0, is_visual, nll_c,
+                           code_logits.argmax(-1) == code_labels, code_labels, where)
 
 
 def _pred():
@@ -15,8 +24,7 @@ def _pred():
     labels0 = torch.tensor([0, 1])
     code_logits = torch.zeros(1, 2, 4)  # uniform over K = 4: nll ln 4 per code
     code_labels = torch.tensor([[1, 3]])
-    where = (torch.zeros(2, dtype=torch.long), torch.arange(2))
-    return BlockPrediction(logits0, labels0, torch.tensor([False, True]), code_logits, code_labels, where)
+    return from_logits(logits0, labels0, torch.tensor([False, True]), code_logits, code_labels)
 
 
 def test_sum_is_eq6_averaged_over_blocks():
@@ -47,10 +55,9 @@ def test_official_weights_at_n8():
 
 
 def test_text_only_batch_has_no_visual_terms_and_a_gradient():
-    p = _pred()
-    logits0 = p.logits0[:1].clone().requires_grad_()
-    q = BlockPrediction(logits0, p.labels0[:1], p.is_visual[:1], torch.zeros(0, 2, 4), torch.zeros(0, 2, dtype=torch.long),
-                        p.where)
+    logits0 = torch.zeros(1, 3, requires_grad=True)
+    q = from_logits(logits0, torch.tensor([2]), torch.tensor([False]), torch.zeros(0, 2, 4),
+                    torch.zeros(0, 2, dtype=torch.long))
     out = nbp_loss(q, N=3)
     assert "nll_visual" not in out and out["blocks_visual"].item() == 0
     out["loss"].backward()

@@ -42,7 +42,7 @@ def test_text_only_sequence_matches_the_plain_transformers_model(lm_table, plain
         torch.testing.assert_close(lm_table.final_norm(h), ref.last_hidden_state, rtol=0, atol=1e-6)
         assert not torch.allclose(h, ref.last_hidden_state)  # h is taken before the final norm
         # at initialisation the block decoder is the identity, so text logits are the plain LM's
-        pred = lm_table(tokens, codes, None, torch.ones_like(tokens, dtype=torch.bool))
+        pred = lm_table(tokens, codes, None, torch.ones_like(tokens, dtype=torch.bool), return_logits=True)
         plain_logits = plain_lm(input_ids=tokens).logits[:, :-1].reshape(-1, 320)
         torch.testing.assert_close(pred.logits0[:, :320].isfinite(), torch.ones_like(plain_logits, dtype=torch.bool)
                                    .index_fill_(1, torch.tensor([lm_table.vocab.eob]), False))
@@ -150,3 +150,22 @@ def test_save_and_load_round_trip(make_lm, tmp_path, mode):
 def test_loading_a_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Kelix LLM directory"):
         KelixLM.from_pretrained(tmp_path / "nope")
+
+
+def test_chunked_loss_equals_the_whole_loss_and_its_gradients(make_lm):
+    grads, losses = [], []
+    for chunk in (10_000, 3):  # 3: many chunks, each recomputed in backward
+        lm = make_lm(seed=6, loss_chunk=chunk)
+        docs = random_doc_batch(lm, [9, 13], seed=3)
+        b = collate_docs(docs, 4)
+        pred = lm(b["tokens"], b["codes"], b["position_ids"], b["targets"], return_logits=True)
+        nll = torch.nn.functional.cross_entropy(pred.logits0, pred.labels0, reduction="none")
+        torch.testing.assert_close(pred.nll0, nll)
+        loss = nbp_loss(pred, 4)["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in lm.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0])
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)

@@ -23,14 +23,14 @@ def test_folding_gives_identical_inputs(make_lm, image_tokenizer):
         j = torch.arange(4).expand(5, 4)
         codes = torch.randint(0, 32, (5, 4))
         rows_before = lm.code_embed(j, codes)
-        pred_before = lm(t, c, batch["position_ids"], batch["targets"])
+        pred_before = lm(t, c, batch["position_ids"], batch["targets"], return_logits=True)
         unify_embeddings(lm)
         assert lm.visual is None and lm.config.visual_input == "table"
         after = lm.embed_blocks(t, c)
         torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)  # float rounding only
         assert torch.equal(after[~vis], before[~vis])  # text rows are not touched
         torch.testing.assert_close(lm.code_embed(j, codes), rows_before, rtol=1e-6, atol=1e-6)  # decoder inputs too
-        pred_after = lm(t, c, batch["position_ids"], batch["targets"])
+        pred_after = lm(t, c, batch["position_ids"], batch["targets"], return_logits=True)
     finite = pred_before.logits0.isfinite()
     torch.testing.assert_close(pred_after.logits0[finite], pred_before.logits0[finite], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pred_after.code_logits, pred_before.code_logits, rtol=1e-5, atol=1e-5)
