@@ -1,9 +1,9 @@
 """``kelix export-llm``: a training checkpoint -> a Kelix LLM directory (the next stage's ``init_from``).
 
 The directory holds ``config.json``, ``model.safetensors`` (block decoder, stage-1 projector),
-``backbone/`` (transformers format) and the extended text tokenizer. A sharded (FSDP2) checkpoint is
-first consolidated with ``kelix convert-checkpoint``; runs with ``export_dir`` set write the
-directory themselves at the end of fit.
+``backbone/`` (transformers format) and the extended text tokenizer. The checkpoint may be a
+``.ckpt`` file, a sharded (FSDP2) checkpoint directory or ``kelix convert-checkpoint`` output; runs
+with ``export_dir`` set write the directory themselves at the end of fit.
 
 ``kelix export-llm --ckpt runs/llm_stage1/version_0/checkpoints/last.ckpt --out exports/llm_stage1``
 """
@@ -17,25 +17,50 @@ import os
 log = logging.getLogger("kelix.llm")
 
 
+def read_llm_checkpoint(path: str) -> tuple[dict, dict | None]:
+    """``(weights without the 'lm.' prefix, the 'kelix_llm' metadata or None)`` of a training checkpoint:
+    a ``.ckpt`` file, a sharded (FSDP2) checkpoint directory, or ``kelix convert-checkpoint`` output."""
+    import json
+
+    from kelix.training.convert import is_sharded_checkpoint, read_checkpoint
+    from kelix.training.weights import read_state_dict
+
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
+        cfg_file = os.path.join(path, "config.json")
+        meta = json.load(open(cfg_file)).get("kelix_llm") if os.path.isfile(cfg_file) else None
+        sd = read_state_dict(path)
+    else:
+        sd, info = read_checkpoint(path)
+        meta = info.get("kelix_llm")
+    if any(k.startswith("lm.") for k in sd):
+        sd = {k[3:]: v for k, v in sd.items() if k.startswith("lm.")}
+    return sd, meta
+
+
 def load_lm(path: str, text_tokenizer: str | None = None):
-    """A :class:`~kelix.llm.model.KelixLM` from a Kelix LLM directory or a ``UnifiedLLMModule`` ``.ckpt``.
+    """A :class:`~kelix.llm.model.KelixLM` from a Kelix LLM directory or a ``UnifiedLLMModule`` checkpoint
+    (``.ckpt``, sharded directory, or ``kelix convert-checkpoint`` output).
 
     A checkpoint stores the model's config and the backbone's architecture; the text tokenizer is
     re-read from the path recorded at training time unless ``text_tokenizer`` is given.
     """
-    import torch
+    from kelix.llm.model import KelixLM
+    from kelix.llm.module import is_llm_dir
 
+    if is_llm_dir(path):
+        return KelixLM.from_pretrained(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} is neither a Kelix LLM directory nor a checkpoint")
+    sd, meta = read_llm_checkpoint(path)
+    if meta is None:
+        raise ValueError(f"{path}: not a UnifiedLLMModule checkpoint (no 'kelix_llm' metadata)")
+    return lm_from_weights(sd, meta, text_tokenizer, where=path).eval()
+
+
+def lm_from_weights(sd: dict, meta: dict, text_tokenizer: str | None = None, where: str = "checkpoint"):
+    """Build the model ``meta`` (a checkpoint's ``kelix_llm`` entry) describes and load ``sd`` into it."""
     from kelix.llm.model import KelixLM, LLMConfig
 
-    if os.path.isdir(path):
-        return KelixLM.from_pretrained(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} is neither a Kelix LLM directory nor a checkpoint file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    meta = ckpt.get("kelix_llm") if isinstance(ckpt, dict) else None
-    if meta is None:
-        raise ValueError(f"{path}: not a UnifiedLLMModule checkpoint (no 'kelix_llm' entry); "
-                         f"a sharded checkpoint needs kelix convert-checkpoint first")
     cfg = dict(meta["config"])
     bb = dict(meta["backbone_config"])
     bb.pop("architectures", None)
@@ -43,16 +68,16 @@ def load_lm(path: str, text_tokenizer: str | None = None):
     cfg.update(backbone=None, backbone_config=bb, image_tokenizer=None,
                text_tokenizer=text_tokenizer or cfg.get("text_tokenizer") or cfg.get("backbone"))
     lm = KelixLM(LLMConfig(**cfg))
-    sd = {k[3:]: v for k, v in ckpt["state_dict"].items() if k.startswith("lm.")}
     missing, unexpected = lm.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise KeyError(f"{path}: checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return lm.eval()
+        raise KeyError(f"{where}: checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return lm
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kelix export-llm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="UnifiedLLMModule checkpoint (.ckpt) or a Kelix LLM directory")
+    p.add_argument("--ckpt", required=True,
+                   help="UnifiedLLMModule checkpoint (.ckpt, sharded directory, convert-checkpoint output) or a Kelix LLM directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--text-tokenizer", default=None, help="tokenizer directory, if the one recorded in the checkpoint moved")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

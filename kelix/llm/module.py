@@ -35,8 +35,9 @@ class UnifiedLLMModule(KelixModule):
         lm: the model to build (stage 1, ablations). With ``init_from`` a Kelix LLM directory, only
             its ``dtype`` and ``attn_implementation`` are used.
         init_from: earlier weights: a Kelix LLM directory (``export_dir`` of the previous stage,
-            ``kelix export-llm`` or ``kelix unify-embeddings`` output; config and weights come from
-            it), or a Lightning ``.ckpt`` / ``.safetensors`` loaded into the model ``lm`` builds.
+            ``kelix export-llm`` or ``kelix unify-embeddings`` output), or a ``UnifiedLLMModule``
+            checkpoint (``.ckpt``, sharded directory, ``kelix convert-checkpoint`` output); both carry
+            their config. Weights without one are loaded into the model ``lm`` builds.
         unify: if the model reads visual inputs through the stage-1 projector, switch it to the
             embedding table now (paper 4.3.3; same as ``kelix unify-embeddings``).
         visual_table: how ``unify`` fills the visual rows: ``fold`` the projectors (paper) or keep
@@ -92,14 +93,23 @@ class UnifiedLLMModule(KelixModule):
         if init_from is not None and is_llm_dir(init_from):
             self.lm = KelixLM.from_pretrained(init_from, dtype=lm.dtype if lm else None,
                                               attn_implementation=lm.attn_implementation if lm else None).train()
+        elif init_from is not None:
+            from kelix.llm.export import lm_from_weights, read_llm_checkpoint
+
+            sd, meta = read_llm_checkpoint(init_from)
+            if meta is not None:  # the checkpoint knows its architecture
+                self.lm = lm_from_weights(sd, meta, where=init_from)
+            elif lm is None:
+                raise ValueError(f"init_from {init_from!r} holds no Kelix LLM config: set model.init_args.lm too")
+            else:
+                self.lm = KelixLM(lm)
+                missing, unexpected = self.lm.load_state_dict(sd, strict=False)
+                if missing or unexpected:
+                    raise KeyError(f"init_from {init_from}: missing {missing[:3]}, unexpected {unexpected[:3]}")
         elif lm is None:
             raise ValueError("set model.init_args.lm (the architecture) or init_from (a Kelix LLM directory)")
         else:
             self.lm = KelixLM(lm)
-            if init_from is not None:
-                from kelix.training.weights import load_weights
-
-                load_weights(self.lm, init_from, prefix="lm." if init_from.endswith(".ckpt") else "")
         if unify and self.lm.visual is not None:
             from kelix.llm.unify import unify_embeddings
 

@@ -44,3 +44,12 @@ def test_stage1_under_fsdp2_exports_gathered_weights(tmp_path, tok_dir, backbone
     assert not torch.equal(got["lm_head.weight"][: text.shape[0]], plain["lm_head.weight"])  # trained
     assert out.visual is not None and out.config.visual_input == "projector"
     assert not torch.equal(out.decoder.proj_out.weight, torch.zeros_like(out.decoder.proj_out.weight))
+    # the sharded checkpoint (one file per rank) converts to the same model
+    from kelix.llm.export import main as export_main
+
+    sharded = tmp_path / "runs/llm/version_0/checkpoints/last.ckpt"
+    assert (sharded / ".metadata").is_file()
+    assert export_main(["--ckpt", str(sharded), "--out", str(tmp_path / "from_ckpt")]) == 0
+    again = KelixLM.from_pretrained(tmp_path / "from_ckpt").state_dict()
+    want = out.state_dict()
+    assert again.keys() == want.keys() and all(torch.equal(again[k], want[k]) for k in want)

@@ -91,3 +91,8 @@ def test_quickstart_chain(tmp_path, monkeypatch, image_tokenizer):
     s3 = KelixLM.from_pretrained("exported")
     sd2, sd3 = s2.state_dict(), s3.state_dict()
     assert sd2.keys() == sd3.keys() and all(torch.equal(sd2[k], sd3[k]) for k in sd2)
+    # a next stage may also start from the checkpoint itself: it carries the model's config
+    from kelix.llm.module import UnifiedLLMModule
+
+    sd4 = UnifiedLLMModule(init_from=ckpt[0]).lm.state_dict()
+    assert all(torch.equal(sd2[k], sd4[k]) for k in sd2)
