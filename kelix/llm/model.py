@@ -273,8 +273,11 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
             bad = (vc < 0) | (vc >= self.vocab.K)
             if bool(bad.any()):
                 raise ValueError(f"codes outside 0..{self.vocab.K - 1} in visual blocks")
-            j = torch.arange(self.vocab.N, device=vc.device).expand_as(vc)
-            x = x.masked_scatter(is_vis[..., None], self.code_embed(j, vc).sum(-2).to(x.dtype))
+            if self.visual is None:  # one gather-and-sum, no [Nv, N, D] intermediate
+                blocks = nn.functional.embedding_bag(self.vocab.code_to_id(vc), emb.weight, mode="sum")
+            else:
+                blocks = self.visual.block(vc)
+            x = x.masked_scatter(is_vis[..., None], blocks.to(x.dtype))
         return x
 
     # -- backbone (Eq. 5)
