@@ -231,7 +231,9 @@ class UnifiedLLMModule(KelixModule):
 
         if not isinstance(self.logger, TensorBoardLogger) or self.global_rank != 0:
             return
-        row = pred.where[0] == 0
+        starts = (batch["position_ids"][0, 1:] == 0).nonzero()
+        end = int(starts[0]) + 1 if len(starts) else batch["position_ids"].shape[1]  # the first document of row 0
+        row = (pred.where[0] == 0) & (pred.where[1] + 1 < end)
         truth = pred.labels0[row].tolist()
         guess = pred.argmax0[row].tolist()
         text = (f"**target** (▣ = visual block): {self._describe(truth)}\n\n"
