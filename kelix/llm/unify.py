@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output Kelix LLM directory (visual_input: table)")
     p.add_argument("--mode", default="fold", choices=["fold", "random"],
                    help="fold the projector (paper) or keep random visual rows (Table 7 exp2)")
-    p.add_argument("--dtype", default=None, help="dtype of the written tensors (default: as stored)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written tensors (default: as stored)")
     args = p.parse_args(argv)
     from kelix.llm.export import load_lm
 
