@@ -136,3 +136,20 @@ def test_export_and_load_the_detokenizer(fitted, tmp_path):
     m = DiTModule(dit=tiny_config(), init_from=str(tmp_path / "out"), condition=None)
     assert torch.equal(m.dit.connector[0].weight, det.dit.connector[0].weight)
     assert torch.equal(m.ema.connector[0].weight, det.dit.connector[0].weight)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_export_reads_a_sharded_checkpoint_directory(fitted, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from kelix.dit.export import export, read_checkpoint
+
+    ckpt = torch.load(fitted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    sharded = tmp_path / "sharded.ckpt"  # the layout FSDP2Strategy writes: DCP files + meta.pt
+    dcp.save({"state_dict": ckpt.pop("state_dict")}, checkpoint_id=str(sharded), no_dist=True)
+    ckpt.pop("optimizer_states", None)
+    torch.save(ckpt, sharded / "meta.pt")
+    meta, live = read_checkpoint(str(sharded), "live")
+    assert meta["dit"]["cond_dim"] == COND_DIM and "connector.0.weight" in live
+    export(str(sharded), str(tmp_path / "out"), with_vae=False)
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "vae").exists()
