@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kelix.training.callbacks import DataHealth, Throughput
 from kelix.training.checkpoint import PREEMPTED_EXIT_CODE, KelixCheckpoint, find_last_checkpoint
+from kelix.training.parallel import FSDP2Strategy  # noqa: F401  (registers strategy: fsdp2)
 
 DEFAULT_RUN_NAME = "kelix"
 

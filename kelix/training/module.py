@@ -93,6 +93,7 @@ class KelixModule(pl.LightningModule):
         if self._pending_rng is not None:  # restored here, where the uninterrupted run would be
             set_rng_state(self._pending_rng, owner=self)
             self._pending_rng = None
+        self._unshard_roots()
         out = self.step(batch, "train")
         loss = out["loss"]
         if not self._finite_everywhere(loss):
@@ -122,11 +123,13 @@ class KelixModule(pl.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def validation_step(self, batch, batch_idx):
+        self._unshard_roots()
         out = self.step(batch, "val")
         self._log_terms(out, "val", batch)
         return out["loss"]
 
     def test_step(self, batch, batch_idx):
+        self._unshard_roots()
         out = self.step(batch, "test")
         self._log_terms(out, "test", batch)
         return out["loss"]
@@ -177,5 +180,14 @@ class KelixModule(pl.LightningModule):
         mesh = self.device_mesh
         if mesh is not None:
             dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-            apply_fsdp2(self.parallel_roots(), self.parallel_blocks(), dp, param_dtype=self.fsdp_param_dtype,
+            roots = self.parallel_roots()
+            apply_fsdp2(roots, self.parallel_blocks(), dp, param_dtype=self.fsdp_param_dtype,
                         reshard_after_forward=self.fsdp_reshard_after_forward, owner=self)
+            self.__dict__["_fsdp_roots"] = roots  # not submodules: a plain list outside nn.Module bookkeeping
+
+    def _unshard_roots(self):
+        """Gather the roots' parameters before ``step``: a step may call a root's submodule directly
+        (``lm.get_input_embeddings()(ids)``), which bypasses the root's forward that would gather them.
+        Roots stay gathered from forward to backward anyway, so this only moves the all-gather earlier."""
+        for root in self.__dict__.get("_fsdp_roots", ()):
+            root.unshard()

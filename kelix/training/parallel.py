@@ -14,13 +14,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def apply_activation_checkpointing(root: nn.Module, blocks: list[nn.Module]) -> int:
-    """Recompute each block's activations in backward (non-reentrant), with the composable API.
+    """Recompute each block's activations in backward (non-reentrant); nothing is renamed.
 
-    Unlike ``checkpoint_wrapper``, nothing is renamed: parameter names, state dicts, optimizer
-    groups and consolidated checkpoints keep the model's own names, and the blocks stay the same
-    objects (FSDP2's ``fully_shard`` composes with it). Returns the number of blocks newly set up.
+    Hugging Face decoder layers (``GradientCheckpointingLayer``) use their own switch, which also
+    drops the KV cache HF builds by default (a recomputed layer would append its keys and values to
+    it a second time) and keeps FSDP2's hooks outside the recomputation. Other blocks (timm,
+    diffusers, the kit's own) get PyTorch's composable ``checkpoint``. Parameter names, state
+    dicts, optimizer groups and consolidated checkpoints keep the model's own names, and the
+    blocks stay the same objects (FSDP2's ``fully_shard`` composes with both). A block must not
+    mutate state in forward (a cache, a counter): it runs twice. Returns the blocks newly set up.
     """
+    from functools import partial
+
     from torch.distributed._composable import checkpoint
+    from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
     inside = {id(m) for m in root.modules()}
     foreign = [b for b in blocks if id(b) not in inside]
@@ -29,15 +36,30 @@ def apply_activation_checkpointing(root: nn.Module, blocks: list[nn.Module]) -> 
                          "submodules of the LightningModule")
     n = 0
     for block in blocks:
-        if not is_checkpointed(block):
+        if is_checkpointed(block):
+            continue
+        if _is_hf_layer(block):
+            block._gradient_checkpointing_func = partial(checkpoint_fn, use_reentrant=False)
+            block.gradient_checkpointing = True
+        else:
             checkpoint(block)
-            n += 1
+        n += 1
     return n
+
+
+def _is_hf_layer(module: nn.Module) -> bool:
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # an older transformers
+        return False
+    return isinstance(module, GradientCheckpointingLayer)
 
 
 def is_checkpointed(module: nn.Module) -> bool:
     from torch.distributed._composable import checkpoint
 
+    if _is_hf_layer(module):
+        return bool(module.gradient_checkpointing)
     return checkpoint.state(module) is not None
 
 
@@ -107,3 +129,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+def _register() -> None:
+    """``strategy: fsdp2`` (or ``--trainer.strategy fsdp2``) names :class:`FSDP2Strategy` with its defaults."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if "fsdp2" not in StrategyRegistry:
+        StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard per block) over all ranks")
+
+
+_register()

@@ -7,31 +7,36 @@ from kelix.hf import TINY_QWEN3, load_causal_lm
 from kelix.training.parallel import FSDP2Strategy, apply_activation_checkpointing, is_checkpointed
 
 
+def run(model, ids, mask):
+    """Loss, gradients and how many times each layer's MLP activation ran in one forward + backward."""
+    calls = [[], []]
+    for layer, c in zip(model.model.layers, calls):
+        layer.mlp.act_fn.forward = lambda x, f=layer.mlp.act_fn.forward, c=c: c.append(1) or f(x)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)  # HF builds a KV cache by default
+    out.loss.backward()
+    return out.loss.detach(), {k: p.grad for k, p in model.named_parameters()}, [len(c) for c in calls]
+
+
 def test_activation_checkpointing_keeps_names_outputs_and_gradients():
-    """Same loss and gradients, and the blocks really are recomputed in backward."""
+    """An HF layer and a plain module: same loss and gradients, nothing renamed, and really recomputed."""
     torch.manual_seed(0)
     plain = load_causal_lm(config=TINY_QWEN3)
-    wrapped = load_causal_lm(config=TINY_QWEN3)
-    wrapped.load_state_dict(plain.state_dict())
-    assert apply_activation_checkpointing(wrapped, list(wrapped.model.layers)) == 2
-    assert apply_activation_checkpointing(wrapped, list(wrapped.model.layers)) == 0  # idempotent
-    assert all(is_checkpointed(b) for b in wrapped.model.layers) and not is_checkpointed(plain.model.layers[0])
-    assert [n for n, _ in wrapped.named_parameters()] == [n for n, _ in plain.named_parameters()]  # nothing renamed
+    ac = load_causal_lm(config=TINY_QWEN3)
+    ac.load_state_dict(plain.state_dict())
+    blocks = [ac.model.layers[0], ac.model.layers[1].mlp]
+    assert apply_activation_checkpointing(ac, blocks[:1]) == 1
+    assert apply_activation_checkpointing(ac, blocks) == 1  # idempotent: only the new one
+    assert all(is_checkpointed(b) for b in blocks) and not is_checkpointed(plain.model.layers[0])
+    assert [n for n, _ in ac.named_parameters()] == [n for n, _ in plain.named_parameters()]
     ids = torch.randint(0, 256, (2, 12))
-    losses, grads, calls = [], [], []
-    for m in (plain, wrapped):
-        act, n = m.model.layers[0].mlp.act_fn, []
-        act.forward = lambda x, f=act.forward, n=n: n.append(1) or f(x)
-        out = m(input_ids=ids, labels=ids)
-        out.loss.backward()
-        losses.append(out.loss.detach())
-        grads.append({k: p.grad for k, p in m.named_parameters()})
-        calls.append(len(n))
-    assert calls == [1, 2]  # forward, and the recomputation in backward
-    assert torch.allclose(losses[0], losses[1])
-    assert grads[0].keys() == grads[1].keys()
-    for n, g in grads[0].items():
-        assert torch.allclose(g, grads[1][n], atol=1e-6), n
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0  # padding: a KV cache doubled by the recomputation would not even broadcast
+    want, got = run(plain, ids, mask), run(ac, ids, mask)
+    assert (want[2], got[2]) == ([1, 1], [2, 2])  # forward, and the recomputation in backward
+    assert torch.allclose(want[0], got[0])
+    assert want[1].keys() == got[1].keys()
+    for n, g in want[1].items():
+        assert torch.allclose(g, got[1][n], atol=1e-6), n
 
 
 def test_activation_checkpointing_rejects_foreign_blocks():
