@@ -80,14 +80,14 @@ class VisionEncoder(nn.Module):
             self.model = timm.create_model(config.name, pretrained=False, **kwargs)
             self.width = int(self.model.embed_dim)
             self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
-            own = self.model.embeds.patch_size if config.kind == "naflexvit" else self.model.patch_embed.patch_size
-            own = tuple(own) if isinstance(own, (tuple, list)) else (own, own)
             if config.kind == "naflexvit":
                 from timm.models.naflexvit import NaFlexVit
 
                 if not isinstance(self.model, NaFlexVit):
                     raise ValueError(f"encoder.kind naflexvit needs a NaFlexVit, but {config.name!r} is "
                                      f"{type(self.model).__name__} (use kind: timm)")
+            own = self.model.embeds.patch_size if config.kind == "naflexvit" else self.model.patch_embed.patch_size
+            own = tuple(own) if isinstance(own, (tuple, list)) else (own, own)
         elif config.kind == "hf":
             from transformers import AutoConfig, AutoModel
 

@@ -258,10 +258,10 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
         """PIL images -> code grids ``[h, w, N]`` (values in ``0..K-1`` per sub-codebook)."""
         if not self.has_codes:
             raise RuntimeError("the continuous baseline (quantizer: none) has no codes to encode")
-        device = next(self.parameters()).device
+        p = next(self.encoder.parameters())
         out = []
         for s in range(0, len(images), batch_size):
-            pixels = [x.to(device) for x in self.preprocess(images[s : s + batch_size])]
+            pixels = [x.to(p.device, p.dtype) for x in self.preprocess(images[s : s + batch_size])]
             q, grids = self.quantize(pixels)
             for codes, (h, w) in zip(q.codes.split([h * w for h, w in grids]), grids):
                 out.append(codes.view(h, w, self.config.N))

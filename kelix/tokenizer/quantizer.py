@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,6 +160,7 @@ class ProductQuantizer(nn.Module):
 
     def continuous(self, x: torch.Tensor) -> torch.Tensor:
         """The continuous sub-vectors z ``[T, N, d]`` (``[T, 1, d]`` for rvq) before quantization."""
+        x = x.to(self.proj_in.weight.dtype)  # autocast is off here: match the layer (bf16 input, fp32 weights)
         return self.z_norm(self.proj_in(x).float().view(x.shape[0], -1, self.d))
 
     def forward(self, x: torch.Tensor) -> QuantOutput:
@@ -175,6 +177,35 @@ class ProductQuantizer(nn.Module):
             z_q = e.detach() + (z - z.detach())
         return QuantOutput(z_q, codes, codebook_loss + self.beta * commitment,
                            {"codebook": codebook_loss.detach(), "commitment": commitment.detach()})
+
+    @torch.no_grad()
+    def fit_codebook(self, x: torch.Tensor, niter: int = 20, seed: int = 0) -> None:
+        """Data-dependent start of the SimVQ projections: k-means (faiss) of the sub-vectors of
+        ``x [T, in_dim]``, then ``W_i, b_i`` solved by least squares so that each frozen centroid
+        projects onto a cluster centre (exact when ``K <= d_in + 1``). The centroids stay frozen.
+        """
+        import faiss
+
+        if self.mode == "rvq":
+            raise ValueError("fit_codebook supports pq and shared quantizers, not rvq")
+        z = self.continuous(x).float()
+        books = self.codebook.centroids.shape[0]
+        if books == 1:
+            z = z.reshape(-1, 1, self.d)
+        if z.shape[0] < self.K:
+            raise ValueError(f"fit_codebook needs at least K={self.K} vectors per sub-codebook, got {z.shape[0]}")
+        norm = self.codebook.norm
+        for i in range(books):
+            km = faiss.Kmeans(self.d, self.K, niter=niter, seed=seed + i, verbose=False)
+            km.train(np.ascontiguousarray(z[:, i].cpu().numpy(), dtype=np.float32))
+            target = torch.from_numpy(km.centroids).to(z)
+            if norm.kind == "layernorm":  # undo the affine, so LN(C W + b) lands on the centres
+                target = (target - norm.bias[i].float()) / norm.weight[i].float().clamp(min=1e-6)
+            c = self.codebook.centroids[i].float()
+            a = torch.cat([c, torch.ones(len(c), 1, device=c.device)], 1)
+            sol = torch.linalg.lstsq(a.cpu().double(), target.cpu().double()).solution.to(c)
+            self.codebook.weight[i].copy_(sol[:-1])
+            self.codebook.bias[i].copy_(sol[-1])
 
     def _residual(self, z: torch.Tensor, cb: torch.Tensor) -> QuantOutput:
         residual, codes, picked = z, [], []
@@ -239,7 +270,7 @@ class FSQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> QuantOutput:
         with torch.autocast(x.device.type, enabled=False):
-            z = self._bound(self.proj_in(x).float().view(x.shape[0], self.N, -1))
+            z = self._bound(self.proj_in(x.to(self.proj_in.weight.dtype)).float().view(x.shape[0], self.N, -1))
             q = z.round()
             half = self.levels // 2
             codes = ((q.long() + half) * self.basis).sum(-1)

@@ -129,3 +129,19 @@ def test_plain_vq_is_n_equals_one():
     tok = KelixTokenizer(tiny_config(N=1))
     out = tok([torch.randn(3, 56, 56)])
     assert out.codes.shape == (4, 1)  # a 2x2 grid of merged tokens, one code each
+
+
+def test_fit_codebook_projects_the_frozen_centroids_onto_kmeans_centres():
+    torch.manual_seed(0)
+    q = ProductQuantizer(in_dim=24, N=2, K=10, d=8, centroid_dim=12)  # K <= d_in + 1: an exact solve
+    x = torch.randn(400, 24)
+    frozen = q.codebook.centroids.clone()
+    q.fit_codebook(x, niter=10, seed=5)
+    assert torch.equal(q.codebook.centroids, frozen)
+    z = q.continuous(x)
+    for i in range(2):
+        km = faiss.Kmeans(8, 10, niter=10, seed=5 + i)
+        km.train(np.ascontiguousarray(z[:, i].detach().numpy()))
+        expected = torch.nn.functional.layer_norm(torch.from_numpy(km.centroids), (8,))
+        torch.testing.assert_close(q.code_vectors()[i].detach(), expected, atol=1e-4, rtol=1e-4)
+    assert (torch.bincount(q(x).codes[:, 0], minlength=10) > 0).all()  # every code in use

@@ -1,0 +1,277 @@
+"""``TokenizerModule``: trains Kelix-Tok with an auxiliary causal LM (paper 3.1, 4.2.2).
+
+The aux LM reads ``<vision_start>`` + the fused visual embeddings + ``<vision_end>`` + text and is
+trained with next-token loss on the text: ``L = L_NTP + L_VQ`` (Eq. 2). Stages (4.2.2):
+
+* ``stage: 1`` (codebook alignment): only the patch merger, quantizer and up-projector train;
+  the ViT and the aux LM are frozen;
+* ``stage: 2`` (multi-task pretraining) and ``stage: 3`` (annealing): everything trains; stage 3
+  differs by its data and its decaying learning-rate schedule (set in the recipe).
+
+Codebook health (usage, perplexity, dead codes per sub-codebook) is logged to TensorBoard over a
+window of steps, summed across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kelix.tokenizer.data import VISION_END, VISION_START, aux_text_tokenizer
+from kelix.tokenizer.metrics import CodebookUsage
+from kelix.tokenizer.model import KelixTokenizer, TokenizerConfig
+from kelix.training.module import KelixModule
+from kelix.training.optim import OptimConfig
+
+log = logging.getLogger("kelix.tokenizer")
+
+STAGE_TRAINABLE = {
+    1: ["tokenizer.merger.", "tokenizer.quantizer.", "tokenizer.up_projector."],
+    2: None,  # everything
+    3: None,
+}
+
+
+def _layers(root: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a timm ViT (``blocks``) or a transformers model (``...layers``)."""
+    for name, mod in root.named_modules():
+        if isinstance(mod, nn.ModuleList) and (name == "blocks" or name.endswith(".blocks") or name.endswith("layers")):
+            return list(mod)
+    return []
+
+
+class TokenizerModule(KelixModule):
+    """Kelix-Tok training: tokenizer + auxiliary causal LM, ``loss = ntp + vq_weight * vq``.
+
+    Args:
+        tokenizer: the Kelix-Tok architecture; its ``encoder.path`` and ``codebook`` are loaded
+            at construction unless ``init_from`` is set.
+        aux_lm: local directory of the aux causal LM (Qwen3-0.6B in the paper).
+        aux_lm_config: used when ``aux_lm`` is None: a config dict with ``model_type`` for a
+            randomly initialised LM (tests and quickstart: ``kelix.hf.TINY_QWEN3``'s fields).
+        aux_lm_dtype: dtype of the aux LM weights (``float32``, ``bfloat16``); default float32.
+        text_tokenizer: the aux LM's tokenizer (``builtin:bytes`` or a local dir); must be the
+            processor's.
+        vision_start: token before each image (added as a special token if missing).
+        vision_end: token after each image.
+        stage: 1 trains only merger, quantizer and up-projector; 2 and 3 train everything.
+        trainable: parameter-name prefixes to train (overrides ``stage``), e.g.
+            ``["tokenizer.quantizer.", "tokenizer.up_projector."]``.
+        vq_weight: weight of ``L_VQ`` in the total loss (1 in the paper).
+        init_from: weights of a previous stage (a ``.ckpt``, ``.safetensors`` or HF-style directory
+            of this module's state: ``tokenizer.*`` and ``aux_lm.*``), loaded instead of the
+            pretrained encoder, codebook and aux LM files. The optimizer starts afresh.
+        usage_window: steps over which codebook usage is counted before it is logged and reset.
+        histogram_every: log per-sub-codebook code histograms every this many steps (0: never).
+        fit_codebook: at the first training batch, start the SimVQ projections W_i from k-means of
+            that batch's features (see ``ProductQuantizer.fit_codebook``): every code starts where
+            features are. For single-process runs (quickstart, random encoders); the paper's
+            k-means centroids come from ``kelix build-codebook`` (``tokenizer.codebook``).
+        export_dir: when training ends, write the tokenizer here without the aux LM (what
+            ``kelix export-tokenizer`` writes from a checkpoint).
+        optim: optimizer, per-group learning rates (``group_lr`` prefixes such as
+            ``tokenizer.encoder.``, ``tokenizer.quantizer.``, ``aux_lm.``) and schedule.
+        nonfinite: ``skip`` or ``stop`` on a NaN/inf loss.
+        max_skipped_steps: stop after this many non-finite steps in a row.
+        activation_checkpointing: recompute ViT and aux-LM blocks in backward.
+        fsdp_param_dtype: FSDP2 compute dtype of gathered parameters.
+        fsdp_reshard_after_forward: free gathered parameters after forward.
+    """
+
+    def __init__(
+        self,
+        tokenizer: TokenizerConfig,
+        aux_lm: str | None = None,
+        aux_lm_config: dict | None = None,
+        aux_lm_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        text_tokenizer: str = "builtin:bytes",
+        vision_start: str = VISION_START,
+        vision_end: str = VISION_END,
+        stage: Literal[1, 2, 3] | None = None,
+        trainable: list[str] | None = None,
+        vq_weight: float = 1.0,
+        init_from: str | None = None,
+        usage_window: int = 50,
+        histogram_every: int = 500,
+        fit_codebook: bool = False,
+        export_dir: str | None = None,
+        optim: OptimConfig | None = None,
+        nonfinite: Literal["skip", "stop"] = "skip",
+        max_skipped_steps: int = 20,
+        activation_checkpointing: bool = False,
+        fsdp_param_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        fsdp_reshard_after_forward: bool = True,
+    ):
+        super().__init__(optim=optim, nonfinite=nonfinite, max_skipped_steps=max_skipped_steps,
+                         activation_checkpointing=activation_checkpointing, fsdp_param_dtype=fsdp_param_dtype,
+                         fsdp_reshard_after_forward=fsdp_reshard_after_forward)
+        from kelix.hf import load_causal_lm
+
+        if aux_lm is None and aux_lm_config is None:
+            raise ValueError("model.init_args: set aux_lm (a local causal LM directory) or aux_lm_config")
+        if stage not in STAGE_TRAINABLE and stage is not None:
+            raise ValueError(f"model.init_args.stage must be 1, 2 or 3, got {stage!r}")
+        if usage_window < 1:
+            raise ValueError(f"model.init_args.usage_window must be >= 1, got {usage_window}")
+        self.vq_weight, self.usage_window, self.histogram_every = vq_weight, usage_window, histogram_every
+        self.export_dir, self.fit_codebook = export_dir, fit_codebook
+        if fit_codebook and tokenizer.quantizer not in ("pq", "shared"):
+            raise ValueError(f"fit_codebook needs quantizer pq or shared, not {tokenizer.quantizer!r}")
+        self.tokenizer = KelixTokenizer(tokenizer)
+        self.aux_lm = load_causal_lm(path=aux_lm, config=aux_lm_config, dtype=aux_lm_dtype)
+        hidden = self.aux_lm.get_input_embeddings().embedding_dim
+        if hidden != tokenizer.out_dim:
+            raise ValueError(f"model.init_args.tokenizer.out_dim is {tokenizer.out_dim}, but the aux LM's hidden size "
+                             f"is {hidden}: they must match")
+        text = aux_text_tokenizer(text_tokenizer, vision_start, vision_end)
+        if len(text) > self.aux_lm.get_input_embeddings().num_embeddings:
+            self.aux_lm.resize_token_embeddings(len(text))
+        if init_from is not None:
+            self._load_previous_stage(init_from)
+        else:
+            self.tokenizer.load_init_weights()
+        self.trainable = trainable if trainable is not None else STAGE_TRAINABLE.get(stage)
+        self._freeze()
+        N, K = tokenizer.N, tokenizer.K
+        self.usage = CodebookUsage(N, K) if self.tokenizer.has_codes else None
+        self.val_usage = CodebookUsage(N, K) if self.tokenizer.has_codes else None
+
+    def _load_previous_stage(self, path: str):
+        """Load ``tokenizer.*`` and ``aux_lm.*`` from a previous stage; tied weights may be stored once."""
+        from kelix.training.weights import read_state_dict
+
+        sd = read_state_dict(path)
+        own = self.state_dict()
+        bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+        if bad:
+            raise ValueError(f"init_from {path}: shape mismatch, e.g. {bad[0]}")
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        loaded = {own[k].data_ptr() for k in sd if k in own}
+        missing = [k for k in missing if own[k].data_ptr() not in loaded]  # e.g. a tied lm_head
+        if missing:
+            raise KeyError(f"init_from {path}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+        if unexpected:
+            log.warning("init_from %s: %d tensor(s) not used, e.g. %s", path, len(unexpected), unexpected[:3])
+        log.info("init_from: loaded %d tensors from %s", len(sd) - len(unexpected), path)
+
+    def _freeze(self):
+        if self.trainable is None:
+            return
+        names = [n for n, _ in self.named_parameters()]
+        for prefix in self.trainable:
+            if not any(n.startswith(prefix) for n in names):
+                raise ValueError(f"model.init_args.trainable: no parameter name starts with {prefix!r}")
+        n_train = 0
+        for name, p in self.named_parameters():
+            p.requires_grad_(any(name.startswith(t) for t in self.trainable))
+            n_train += p.numel() if p.requires_grad else 0
+        log.info("trainable: %s (%.2fM parameters)", self.trainable, n_train / 1e6)
+
+    # -- parallelism
+    def parallel_blocks(self) -> list[nn.Module]:
+        return _layers(self.tokenizer.encoder.model) + _layers(self.aux_lm)
+
+    # -- the step
+    def step(self, batch, split: str) -> dict[str, torch.Tensor]:
+        out = self.tokenizer(batch["pixels"])
+        mask = batch["image_mask"]
+        if int(mask.sum()) != out.embeds.shape[0]:
+            raise ValueError(f"the batch marks {int(mask.sum())} visual positions but its images give "
+                             f"{out.embeds.shape[0]} tokens: processor image config differs from the tokenizer's")
+        embeds = self.aux_lm.get_input_embeddings()(batch["input_ids"])
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1), out.embeds.to(embeds.dtype))
+        lm = self.aux_lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        ntp = lm.loss.float()
+        terms = {"loss": ntp + self.vq_weight * out.loss, "ntp": ntp, "vq": out.loss.detach()}
+        terms.update({f"vq_{k}": v for k, v in out.terms.items()})
+        if out.codes is not None:
+            (self.usage if split == "train" else self.val_usage).update(out.codes.detach())
+        return terms
+
+    # -- codebook health
+    def _log_usage(self, metric: CodebookUsage, prefix: str, histogram: bool):
+        stats = metric.compute()  # sums counts over ranks
+        logs = {}
+        for name, values in stats.items():
+            for j, v in enumerate(values.tolist()):
+                logs[f"{prefix}/{name}_{j}"] = v
+            logs[f"{prefix}/{name}_mean"] = float(values.mean())
+            logs[f"{prefix}/{name}_min"] = float(values.min())
+        if self.global_rank == 0:  # already summed over ranks; logged once, at this step only
+            for logger in self.loggers:
+                logger.log_metrics(logs, step=self.global_step)
+        if histogram:
+            self._histograms(metric.counts, prefix)
+        metric.reset()
+        return stats
+
+    def _histograms(self, counts: torch.Tensor, prefix: str):
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if not isinstance(self.logger, TensorBoardLogger) or self.global_rank != 0:
+            return
+        counts = counts.detach().double().cpu()
+        K = counts.shape[1]
+        idx = torch.arange(K, dtype=torch.float64)
+        for j, c in enumerate(counts):
+            n = float(c.sum())
+            if n == 0:
+                continue
+            used = idx[c > 0]
+            self.logger.experiment.add_histogram_raw(
+                f"{prefix}/codes_{j}", min=float(used.min()), max=float(used.max()), num=n,
+                sum=float((idx * c).sum()), sum_squares=float((idx * idx * c).sum()),
+                bucket_limits=(idx + 0.5).tolist(), bucket_counts=c.tolist(), global_step=self.global_step)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if not self.fit_codebook or self.global_step != 0 or batch_idx != 0:
+            return
+        if self.trainer.world_size > 1:
+            raise RuntimeError("fit_codebook runs in a single process; for distributed runs initialise the "
+                               "codebook with kelix build-codebook (tokenizer.codebook)")
+        with torch.no_grad():
+            feats, _ = self.tokenizer.merger(self.tokenizer.encoder(batch["pixels"]))
+            self.tokenizer.quantizer.fit_codebook(feats)
+        log.info("fit_codebook: SimVQ projections started from k-means of %d features", len(feats))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.usage is None:
+            return
+        step = self.global_step  # already advanced past this batch's optimizer step
+        if step % self.usage_window == 0:
+            hist = self.histogram_every > 0 and step % self.histogram_every < self.usage_window
+            self._log_usage(self.usage, "codebook", hist)
+
+    def on_validation_epoch_end(self):
+        if self.val_usage is not None and self.val_usage.counts.sum() > 0:
+            self._log_usage(self.val_usage, "val_codebook", histogram=self.histogram_every > 0)
+
+    # -- checkpoints carry the tokenizer's config, so export needs nothing else
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["kelix"]["tokenizer_config"] = asdict(self.tokenizer.portable_config())
+
+    # -- export
+    def on_train_end(self):
+        if self.export_dir:
+            self.export(self.export_dir)
+
+    def export(self, out_dir: str) -> str:
+        """Write the tokenizer (no aux LM) to ``out_dir``. Under FSDP2 every rank must call it
+        (the weights are gathered); rank 0 writes."""
+        if self.device_mesh is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.tokenizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.global_rank == 0:
+                tok = KelixTokenizer(self.tokenizer.portable_config())
+                tok.load_state_dict(sd, strict=True)
+                tok.save_pretrained(out_dir)
+        elif self._trainer is None or self.global_rank == 0:
+            self.tokenizer.save_pretrained(out_dir)
+        log.info("exported the tokenizer to %s", out_dir)
+        return out_dir
