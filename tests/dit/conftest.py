@@ -34,3 +34,13 @@ def tiny_module(**kw):
 @pytest.fixture
 def dit():
     return tiny_dit()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster and immune to the busy-waiting of idle OpenMP threads
+    on a shared machine; restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
