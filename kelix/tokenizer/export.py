@@ -24,23 +24,24 @@ def load_checkpoint(ckpt: str, config: str | None = None):
     """Build a :class:`KelixTokenizer` with the weights of ``ckpt``.
 
     Args:
-        ckpt: a Lightning ``.ckpt`` of ``TokenizerModule`` (its config travels inside it), or a
-            ``.safetensors`` file / HF-style directory of the module's state (e.g. from
-            ``kelix convert-checkpoint``), which needs ``config``.
+        ckpt: a Lightning ``.ckpt`` file or sharded (FSDP2) checkpoint directory of
+            ``TokenizerModule`` (its config travels inside it), or a ``.safetensors`` file /
+            HF-style directory of the module's state (e.g. from ``kelix convert-checkpoint``),
+            which needs ``config``.
         config: the training recipe (``model.init_args.tokenizer``); overrides the checkpoint's.
     """
-    import torch
-
     from kelix.tokenizer.model import KelixTokenizer, TokenizerConfig
+    from kelix.training.convert import is_sharded_checkpoint, read_checkpoint, run_config
     from kelix.training.weights import read_state_dict
 
     if not os.path.exists(ckpt):
         raise FileNotFoundError(f"--ckpt {ckpt!r} does not exist")
     cfg = None
-    if os.path.isfile(ckpt) and not ckpt.endswith(".safetensors"):
-        raw = torch.load(ckpt, map_location="cpu", weights_only=True)
-        cfg = (raw.get("kelix") or {}).get("tokenizer_config")
-        sd = raw.get("state_dict", raw)
+    if is_sharded_checkpoint(ckpt) or (os.path.isfile(ckpt) and not ckpt.endswith(".safetensors")):
+        sd, meta = read_checkpoint(ckpt)  # weights_only: never unpickled
+        cfg = (meta.get("kelix") or {}).get("tokenizer_config")
+        if cfg is None:  # the run's saved config.yaml beside checkpoints/
+            cfg = (((run_config(ckpt) or {}).get("init_args") or {}).get("tokenizer"))
     else:
         sd = read_state_dict(ckpt)
     if config is not None:
