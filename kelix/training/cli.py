@@ -96,7 +96,9 @@ def resolve_last(cfg, logger_init) -> str:
                             "start without --ckpt_path, or give the checkpoint's path")
 
 
-def run_lightning_cli(args: list[str]) -> KelixCLI:
+def run_lightning_cli(args: list[str], run: bool = True) -> KelixCLI:
+    """The ``kelix fit|validate|test|predict`` command line (``run=False``: build everything, run nothing,
+    ``args`` without the subcommand)."""
     try:
         return KelixCLI(
             LightningModule,
@@ -114,6 +116,7 @@ def run_lightning_cli(args: list[str]) -> KelixCLI:
                 },
             },
             args=args,
+            run=run,
         )
     except SIGTERMException as e:
         # preempted: `last` is saved; a distinct status tells schedulers and scripts the run did not finish

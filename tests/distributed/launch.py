@@ -60,7 +60,11 @@ def _rank_main(argv: list[str], rank: int, world: int, port: int, log_path: str,
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
     finally:
-        print(f"[launch] rank {rank}: exit {code}, cpu {time.process_time():.1f} s, wall {time.monotonic() - t0:.1f} s")
+        import resource
+
+        cpu = sum(getattr(resource.getrusage(w), k) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for k in ("ru_utime", "ru_stime"))
+        print(f"[launch] rank {rank}: exit {code}, cpu {cpu:.1f} s (with data workers), wall {time.monotonic() - t0:.1f} s")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

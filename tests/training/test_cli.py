@@ -32,8 +32,8 @@ def assert_same_training_state(a: dict, b: dict):
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resume_last_continues_exactly_in_the_same_run(tmp_path, monkeypatch, workers):
+def test_resume_last_continues_exactly_in_the_same_run(tmp_path, monkeypatch, workers=0):
+    """One process, the loader in the main process (tests/distributed covers ranks and workers)."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     for d in (ref_dir, run_dir):
         os.makedirs(d)
@@ -72,3 +72,35 @@ def test_multi_node_recipe_parses(tmp_path, capsys):
     assert out["trainer"]["strategy"]["class_path"] == "kelix.training.parallel.FSDP2Strategy"
     assert out["trainer"]["strategy"]["init_args"]["tensor_parallel_size"] == 1
     assert out["checkpoint"]["save_on_sigterm"] is True and out["checkpoint"]["save_last"] is True
+
+
+LAUNCH_ENVS = {
+    # srun --nodes 4 --ntasks-per-node 8: task 19 is node 2, local rank 3
+    "slurm": ({"SLURM_NTASKS": "32", "SLURM_NTASKS_PER_NODE": "8", "SLURM_NNODES": "4", "SLURM_NODEID": "2",
+               "SLURM_PROCID": "19", "SLURM_LOCALID": "3", "SLURM_JOB_NAME": "kelix", "SLURM_JOB_ID": "1",
+               "SLURM_NODELIST": "node[1-4]"}, "SLURMEnvironment"),
+    # torchrun --nnodes 4 --nproc_per_node 8, on the third node
+    "torchrun": ({"RANK": "19", "LOCAL_RANK": "3", "GROUP_RANK": "2", "WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "8",
+                  "MASTER_ADDR": "node1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}, "TorchElasticEnvironment"),
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCH_ENVS))
+def test_multi_node_launch_sees_its_place_in_the_world(tmp_path, monkeypatch, launcher):
+    """What Lightning makes of a 4 x 8 launch: no process is started, nothing connects."""
+    from kelix.training.cli import run_lightning_cli
+
+    env, cluster = LAUNCH_ENVS[launcher]
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC_"))]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    cfg = shard_recipe(tmp_path)
+    cfg["trainer"].update(accelerator="cpu", num_nodes=4, devices=8, strategy="fsdp2")
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(cfg))
+    trainer = run_lightning_cli(["--config", str(tmp_path / "big.yaml")], run=False).trainer
+    assert type(trainer.strategy.cluster_environment).__name__ == cluster
+    assert type(trainer.strategy).__name__ == "FSDP2Strategy" and trainer.strategy.launcher is None
+    assert (trainer.num_nodes, trainer.num_devices, trainer.world_size) == (4, 8, 32)
+    assert (trainer.node_rank, trainer.local_rank, trainer.global_rank) == (2, 3, 19)
