@@ -1,12 +1,16 @@
 """The frozen VAE whose latent space the DiT denoises: diffusers ``AutoencoderDC`` (SANA) or ``AutoencoderKL``.
 
+``pixel`` (:class:`PixelAutoencoder`) is a weightless stand-in for the quickstart, where no pretrained
+VAE can be downloaded and a random one cannot reconstruct anything: its latents are the image's
+pixels folded into channels (space-to-depth), so decoding is exact and generated images are real.
+
 Latents are ``(z - shift_factor) * scaling_factor`` (the VAE's own factors unless overridden), so the
 DiT sees roughly unit-variance latents; decoding inverts it.
 """
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -31,8 +35,9 @@ class VAEConfig:
         path: local diffusers directory of a pretrained VAE (SANA: DC-AE f32c32); ``AutoencoderDC`` or
             ``AutoencoderKL`` is read from its ``config.json``.
         kind: class of a randomly initialised VAE (used when ``path`` is None): ``dc`` (AutoencoderDC)
-            or ``kl`` (AutoencoderKL).
-        config: diffusers keyword arguments of that random VAE (default: the tiny ``TINY_DCAE``).
+            or ``kl`` (AutoencoderKL), or ``pixel`` (:class:`PixelAutoencoder`, exact and weightless).
+        config: keyword arguments of that VAE (default: the tiny ``TINY_DCAE``; for ``pixel``:
+            ``patch_size``, ``scaling_factor``).
         seed: seed of the random init, so every rank and every run builds the same VAE.
         scaling_factor: override of the VAE's scaling factor (latents = (z - shift) * scale).
         shift_factor: override of the VAE's shift factor (AutoencoderKL configs may set one).
@@ -41,7 +46,7 @@ class VAEConfig:
     """
 
     path: str | None = None
-    kind: Literal["dc", "kl"] = "dc"
+    kind: Literal["dc", "kl", "pixel"] = "dc"
     config: dict = field(default_factory=lambda: dict(TINY_DCAE))
     seed: int = 0
     scaling_factor: float | None = None
@@ -50,10 +55,46 @@ class VAEConfig:
     sample_posterior: bool = False
 
     def __post_init__(self):
-        if self.kind not in ("dc", "kl"):
-            raise ValueError(f"vae.kind {self.kind!r} is not 'dc' or 'kl'")
+        if self.kind not in ("dc", "kl", "pixel"):
+            raise ValueError(f"vae.kind {self.kind!r} is not 'dc', 'kl' or 'pixel'")
         if self.dtype not in DTYPES:
             raise ValueError(f"vae.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def _pixel_autoencoder_class():
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+
+    class PixelAutoencoder(ModelMixin, ConfigMixin):
+        """Space-to-depth "VAE": ``[B, 3, H, W]`` -> ``[B, 3 p^2, H/p, W/p]`` and back, exactly.
+
+        Args:
+            patch_size: pixels folded per side (the downsampling factor).
+            in_channels: image channels.
+            scaling_factor: latents = pixels * scaling_factor (synthetic images have std ~0.5).
+        """
+
+        @register_to_config
+        def __init__(self, patch_size: int = 4, in_channels: int = 3, scaling_factor: float = 1.0):
+            super().__init__()
+            # one constant weight, so the diffusers save/load and dtype machinery has a tensor to hold
+            self.unit = nn.Parameter(torch.ones(()), requires_grad=False)
+
+        @property
+        def latent_channels(self) -> int:
+            return self.config.in_channels * self.config.patch_size**2
+
+        def encode(self, x):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(latent=nn.functional.pixel_unshuffle(x * self.unit, self.config.patch_size))
+
+        def decode(self, z):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(sample=nn.functional.pixel_shuffle(z * self.unit, self.config.patch_size))
+
+    return PixelAutoencoder
 
 
 class FrozenVAE(nn.Module):
@@ -71,10 +112,14 @@ class FrozenVAE(nn.Module):
         shift = shift_factor if shift_factor is not None else getattr(cfg, "shift_factor", None)
         self.shift_factor = float(shift or 0.0)
         self.sample_posterior = sample_posterior
-        self.is_dc = type(vae).__name__ == "AutoencoderDC"
-        stages = cfg.encoder_block_out_channels if self.is_dc else cfg.block_out_channels
-        self.downsample = 2 ** (len(stages) - 1)
-        self.latent_channels = int(cfg.latent_channels)
+        self.is_pixel = type(vae).__name__ == "PixelAutoencoder"
+        self.is_dc = type(vae).__name__ == "AutoencoderDC" or self.is_pixel  # both return .latent
+        if self.is_pixel:
+            self.downsample, self.latent_channels = int(cfg.patch_size), int(vae.latent_channels)
+        else:
+            stages = cfg.encoder_block_out_channels if self.is_dc else cfg.block_out_channels
+            self.downsample = 2 ** (len(stages) - 1)
+            self.latent_channels = int(cfg.latent_channels)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: always eval (no dropout, fixed norms)
@@ -107,7 +152,9 @@ class FrozenVAE(nn.Module):
 def _vae_class(kind: str):
     from diffusers import AutoencoderDC, AutoencoderKL
 
-    return {"dc": AutoencoderDC, "kl": AutoencoderKL, "AutoencoderDC": AutoencoderDC, "AutoencoderKL": AutoencoderKL}[kind]
+    pixel = _pixel_autoencoder_class()
+    return {"dc": AutoencoderDC, "kl": AutoencoderKL, "pixel": pixel, "AutoencoderDC": AutoencoderDC,
+            "AutoencoderKL": AutoencoderKL, "PixelAutoencoder": pixel}[kind]
 
 
 def load_vae(cfg: VAEConfig) -> FrozenVAE:
@@ -118,11 +165,14 @@ def load_vae(cfg: VAEConfig) -> FrozenVAE:
         if not os.path.isfile(conf):
             raise FileNotFoundError(f"vae.path {cfg.path!r} is not a local diffusers VAE directory (no config.json)")
         name = json.load(open(conf)).get("_class_name")
-        if name not in ("AutoencoderDC", "AutoencoderKL"):
-            raise ValueError(f"{conf}: _class_name {name!r} is not AutoencoderDC or AutoencoderKL")
-        vae = _vae_class(name).from_pretrained(cfg.path, local_files_only=True, torch_dtype=dtype)
+        if name not in ("AutoencoderDC", "AutoencoderKL", "PixelAutoencoder"):
+            raise ValueError(f"{conf}: _class_name {name!r} is not AutoencoderDC, AutoencoderKL or PixelAutoencoder")
+        vae = _vae_class(name).from_pretrained(cfg.path, local_files_only=True, torch_dtype=dtype,
+                                               low_cpu_mem_usage=False)
     else:
         cls = _vae_class(cfg.kind)
+        if cfg.kind == "pixel" and "encoder_block_types" in cfg.config:  # the dataclass default is DC-AE's
+            cfg = replace(cfg, config={})
         fork = torch.random.fork_rng(devices=[])  # a seeded init that leaves the global RNG alone
         with fork:
             torch.manual_seed(cfg.seed)
