@@ -22,7 +22,7 @@ log = logging.getLogger("kelix.dit")
 def save_vae(vae, out_dir: str) -> None:
     """Save a :class:`~kelix.dit.vae.FrozenVAE` as a diffusers directory carrying its latent scaling."""
     vae.vae.register_to_config(scaling_factor=vae.scaling_factor)
-    if not vae.is_dc:
+    if not vae.is_dc or vae.is_pixel:
         vae.vae.register_to_config(shift_factor=vae.shift_factor or None)
     vae.vae.save_pretrained(out_dir)
 

@@ -71,11 +71,13 @@ def _pixel_autoencoder_class():
         Args:
             patch_size: pixels folded per side (the downsampling factor).
             in_channels: image channels.
-            scaling_factor: latents = pixels * scaling_factor (synthetic images have std ~0.5).
+            scaling_factor: latents = (pixels - shift_factor) * scaling_factor.
+            shift_factor: see ``scaling_factor`` (synthetic images: mean ~0.46, std ~0.5).
         """
 
         @register_to_config
-        def __init__(self, patch_size: int = 4, in_channels: int = 3, scaling_factor: float = 1.0):
+        def __init__(self, patch_size: int = 4, in_channels: int = 3, scaling_factor: float = 1.0,
+                     shift_factor: float | None = None):
             super().__init__()
             # one constant weight, so the diffusers save/load and dtype machinery has a tensor to hold
             self.unit = nn.Parameter(torch.ones(()), requires_grad=False)
