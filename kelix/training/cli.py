@@ -43,6 +43,18 @@ class KelixCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(DataHealth, "data_health")
 
+    def _parse_ckpt_path(self):
+        # Lightning reads a checkpoint file whole, on every rank, only to look for hyper-parameters
+        # (tens of GB at paper scale): memory-map it, and defer to Lightning only if it has some.
+        import torch
+
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if not (path and os.path.isfile(path)):
+            return
+        if torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters"):
+            super()._parse_ckpt_path()
+
     def before_instantiate_classes(self):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         name = cfg.get("name")

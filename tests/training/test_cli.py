@@ -104,3 +104,11 @@ def test_multi_node_launch_sees_its_place_in_the_world(tmp_path, monkeypatch, la
     assert type(trainer.strategy).__name__ == "FSDP2Strategy" and trainer.strategy.launcher is None
     assert (trainer.num_nodes, trainer.num_devices, trainer.world_size) == (4, 8, 32)
     assert (trainer.node_rank, trainer.local_rank, trainer.global_rank) == (2, 3, 19)
+
+
+def test_resume_from_an_explicit_checkpoint_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit(tmp_path, shard_recipe(tmp_path, max_steps=2))
+    ckpt = str(tmp_path / "runs/r/version_0/checkpoints/last.ckpt")
+    fit(tmp_path, shard_recipe(tmp_path, max_steps=3), "--ckpt_path", ckpt)
+    assert load(tmp_path / "runs/r/version_1/checkpoints/last.ckpt")["global_step"] == 3  # a new run from it
