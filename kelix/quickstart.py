@@ -29,7 +29,7 @@ STAGES = [  # (run name, recipe files, export directory)
     ("dit_llm", ["dit.yaml", "dit_on_llm.yaml"], "runs/dit_llm/export"),
 ]
 CONDITION_SIZE = 84  # the LLM stage 2.2 recipe's generation size: 3x3 visual blocks
-IMAGE_SIZE = 64  # the DiT quickstart's target size
+IMAGE_SIZE = 32  # the DiT quickstart's target size (recipes/quickstart/dit.yaml)
 
 
 def find_recipes(explicit: str | None) -> str:
