@@ -103,14 +103,14 @@ def export(ckpt: str, out: str, weights: str = "ema", with_vae: bool = True) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kelix export-dit", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="DiTModule checkpoint: a .ckpt file or a distributed checkpoint directory")
-    p.add_argument("out", help="output directory (config.json, model.safetensors, vae/, flow.json)")
+    p.add_argument("--ckpt", required=True, help="DiTModule checkpoint: a .ckpt file or a distributed checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, vae/, flow.json)")
     p.add_argument("--weights", choices=["ema", "live"], default="ema",
                    help="export the EMA weights (default, used for sampling) or the live training weights")
     p.add_argument("--no-vae", action="store_true", help="do not write vae/ (e.g. a large pretrained VAE kept elsewhere)")
     a = p.parse_args(argv)
-    if not os.path.exists(a.checkpoint):
-        p.error(f"checkpoint {a.checkpoint!r} does not exist")
-    export(a.checkpoint, a.out, a.weights, not a.no_vae)
+    if not os.path.exists(a.ckpt):
+        p.error(f"checkpoint {a.ckpt!r} does not exist")
+    export(a.ckpt, a.out, a.weights, not a.no_vae)
     print(f"DiT ({a.weights} weights) written to {a.out}")
     return 0

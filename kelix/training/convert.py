@@ -131,14 +131,15 @@ def convert(path: str, out: str, prefix: str = "", fmt: str = "hf", dtype: str |
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kelix convert-checkpoint", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="sharded checkpoint directory (e.g. runs/x/version_0/checkpoints/last.ckpt) or .ckpt file")
-    p.add_argument("out", help="output directory (--format hf) or file (--format ckpt)")
+    p.add_argument("--ckpt", required=True,
+                   help="sharded checkpoint directory (e.g. runs/x/version_0/checkpoints/last.ckpt) or .ckpt file")
+    p.add_argument("--out", required=True, help="output directory (--format hf) or file (--format ckpt)")
     p.add_argument("--prefix", default="", help="keep only weights under this prefix and strip it (e.g. 'lm.')")
     p.add_argument("--format", default="hf", choices=["hf", "ckpt"], dest="fmt",
                    help="hf: config.json + model.safetensors; ckpt: one weights-only Lightning checkpoint")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast floating-point weights (default: as saved)")
     args = p.parse_args(argv)
-    out = convert(args.checkpoint, args.out, prefix=args.prefix, fmt=args.fmt, dtype=args.dtype)
+    out = convert(args.ckpt, args.out, prefix=args.prefix, fmt=args.fmt, dtype=args.dtype)
     print(out)
     return 0

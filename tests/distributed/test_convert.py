@@ -17,7 +17,7 @@ pytestmark = pytest.mark.distributed
 
 def test_sharded_checkpoint_to_hf_directory_loads_identical_weights(reference, tmp_path):
     saved = read_sharded(reference["ckpt"])  # what the 2 ranks wrote, gathered on one process
-    assert main(["convert-checkpoint", reference["ckpt"], str(tmp_path / "hf")]) == 0
+    assert main(["convert-checkpoint", "--ckpt", reference["ckpt"], "--out", str(tmp_path / "hf")]) == 0
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["kelix_checkpoint"]["global_step"] == STEPS
@@ -27,7 +27,7 @@ def test_sharded_checkpoint_to_hf_directory_loads_identical_weights(reference, t
     for k, v in module.state_dict().items():
         assert torch.equal(v, saved[k]), k
     # a submodule alone: the Qwen3 backbone, loadable without the kit's module
-    assert main(["convert-checkpoint", reference["ckpt"], str(tmp_path / "lm"), "--prefix", "lm."]) == 0
+    assert main(["convert-checkpoint", "--ckpt", reference["ckpt"], "--out", str(tmp_path / "lm"), "--prefix", "lm."]) == 0
     lm = load_causal_lm(config=TINY_QWEN3)
     load_weights(lm, str(tmp_path / "lm"))
     for k, v in lm.state_dict().items():

@@ -121,7 +121,7 @@ def test_export_and_load_the_detokenizer(fitted, tmp_path):
     from kelix.dit.export import load_detokenizer, main
     from kelix.dit.module import DiTModule
 
-    assert main([str(fitted / "checkpoints" / "last.ckpt"), str(tmp_path / "out")]) == 0
+    assert main(["--ckpt", str(fitted / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "out")]) == 0
     det = load_detokenizer(str(tmp_path / "out"))
     at_end = load_detokenizer(str(fitted.parents[2] / "export"))  # export_dir: written when fit ended
     assert all(torch.equal(v, at_end.dit.state_dict()[k]) for k, v in det.dit.state_dict().items())

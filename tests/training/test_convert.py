@@ -20,7 +20,7 @@ def lightning_ckpt(path):
 
 def test_ckpt_file_to_hf_directory_and_back(tmp_path):
     net, sd = lightning_ckpt(tmp_path / "last.ckpt")
-    assert main(["convert-checkpoint", str(tmp_path / "last.ckpt"), str(tmp_path / "hf"), "--prefix", "net."]) == 0
+    assert main(["convert-checkpoint", "--ckpt", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "hf"), "--prefix", "net."]) == 0
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["kelix_checkpoint"]["global_step"] == 12 and cfg["kelix_llm"] == {"config": {"N": 4}}
     fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
@@ -32,7 +32,7 @@ def test_ckpt_file_to_hf_directory_and_back(tmp_path):
 def test_ckpt_format_and_dtype(tmp_path):
     _, sd = lightning_ckpt(tmp_path / "last.ckpt")
     out = tmp_path / "w.ckpt"
-    assert main(["convert-checkpoint", str(tmp_path / "last.ckpt"), str(out), "--format", "ckpt", "--dtype", "bfloat16"]) == 0
+    assert main(["convert-checkpoint", "--ckpt", str(tmp_path / "last.ckpt"), "--out", str(out), "--format", "ckpt", "--dtype", "bfloat16"]) == 0
     ck = torch.load(out, weights_only=True)
     assert "optimizer_states" not in ck and ck["kelix_llm"] == {"config": {"N": 4}}
     assert all(v.dtype == torch.bfloat16 for v in ck["state_dict"].values())
@@ -41,7 +41,7 @@ def test_ckpt_format_and_dtype(tmp_path):
 
 def test_bad_inputs_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        main(["convert-checkpoint", str(tmp_path / "nope"), str(tmp_path / "out")])
+        main(["convert-checkpoint", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     lightning_ckpt(tmp_path / "last.ckpt")
     with pytest.raises(ValueError, match="no weight starts with --prefix 'lm.'"):
-        main(["convert-checkpoint", str(tmp_path / "last.ckpt"), str(tmp_path / "out"), "--prefix", "lm."])
+        main(["convert-checkpoint", "--ckpt", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "out"), "--prefix", "lm."])
