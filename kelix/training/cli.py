@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
+import warnings
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -16,6 +18,18 @@ from kelix.training.checkpoint import PREEMPTED_EXIT_CODE, KelixCheckpoint, find
 from kelix.training.parallel import FSDP2Strategy  # noqa: F401  (registers strategy: fsdp2)
 
 DEFAULT_RUN_NAME = "kelix"
+
+# Library noise that says nothing about the run (deprecations inside torchdata/Lightning, an advert).
+for _message in (".*set_vital.*", ".*LeafSpec.*", ".*does not have many workers.*"):
+    warnings.filterwarnings("ignore", message=_message)
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
 
 
 class KelixCLI(LightningCLI):
