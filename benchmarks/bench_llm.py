@@ -113,6 +113,24 @@ def main(argv=None):
         res["visual_slot_heads_full_vocab_s"] = round(timeit(full), 5)
         res["head_rows_restricted_vs_full"] = f"{lm.vocab.K} vs {head.shape[0]}"
 
+    # attention kernels behind SDPA at the backbone's shape (flash attention is PyTorch's own on Hopper)
+    if cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        cfg = lm.backbone.config
+        q = torch.randn(a.rows, cfg.num_attention_heads, a.length, cfg.head_dim, device=device, dtype=dtype,
+                        requires_grad=True)
+        kv = [torch.randn_like(q, requires_grad=True) for _ in range(2)]
+        for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.MATH):
+            def attn(be=be):
+                with sdpa_kernel(be):
+                    torch.nn.functional.scaled_dot_product_attention(q, *kv, is_causal=True).sum().backward()
+            try:
+                res[f"sdpa_fwd_bwd_{be.name.lower()}_s"] = round(timeit(attn), 5)
+            except RuntimeError as e:  # a backend that does not support this shape/dtype here
+                res[f"sdpa_fwd_bwd_{be.name.lower()}_s"] = f"unavailable: {str(e).splitlines()[0][:80]}"
+
     # image generation: KV caches on vs recomputing the prefix every block
     grid = (8, 8) if cuda else (3, 3)
     with torch.autocast(device, dtype=dtype, enabled=cuda):

@@ -41,7 +41,8 @@ def find_recipes(explicit: str | None) -> str:
     raise SystemExit("kelix quickstart: recipes/quickstart not found; run it from the kelix checkout or pass --recipes")
 
 
-def run_stage(name: str, recipes: list[str], export: str, recipe_dir: str, max_steps: int | None, log) -> float:
+def run_stage(name: str, recipes: list[str], export: str, recipe_dir: str, max_steps: int | None, log,
+              overrides: list[str] = ()) -> float:
     cmd = [sys.executable, "-m", "kelix.cli", "fit"]
     for r in recipes:
         cmd += ["--config", os.path.join(recipe_dir, r)]
@@ -49,6 +50,7 @@ def run_stage(name: str, recipes: list[str], export: str, recipe_dir: str, max_s
     if max_steps is not None:
         cmd += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max_steps),
                 "--trainer.log_every_n_steps", "1"]
+    cmd += list(overrides)
     log(f"\n== [{name}] {' '.join(cmd[2:])}")
     t = time.time()
     # Tiny models on a small CPU: one intra-op thread avoids thread contention (3-6x faster measured
@@ -64,11 +66,14 @@ def demo(out_dir: str, log) -> dict:
     """Assemble the pipeline, answer a question about a synthetic image, generate an image."""
     import random
 
+    import torch
+
     from kelix.data.synthetic import make_sample
     from kelix.llm.generate import Sampling
     from kelix.pipeline import KelixPipeline
 
-    pipe = KelixPipeline.from_pretrained(tokenizer=STAGES[0][2], llm=STAGES[2][2], dit=STAGES[3][2],
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = KelixPipeline.from_pretrained(tokenizer=STAGES[0][2], llm=STAGES[2][2], dit=STAGES[3][2], device=device,
                                          condition_size=CONDITION_SIZE, image_size=IMAGE_SIZE, steps=10,
                                          dit_cfg_scale=2.0)
     pipe.save_pretrained(os.path.join(out_dir, "pipeline"))
@@ -90,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/quickstart", help="pipeline and demo outputs (default: %(default)s)")
     p.add_argument("--max-steps", type=int, help="override every stage's max_steps (e.g. 5 for a smoke run)")
     p.add_argument("--skip-existing", action="store_true", help="skip stages whose export already exists")
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="after --: options for every stage's kelix fit, e.g. -- --trainer.accelerator gpu")
     a = p.parse_args(argv)
+    overrides = a.overrides[1:] if a.overrides[:1] == ["--"] else a.overrides
     recipe_dir = find_recipes(a.recipes)
     os.makedirs(a.out, exist_ok=True)
     log = print
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.skip_existing and os.path.isfile(os.path.join(export, "config.json")):
             log(f"== [{name}] export exists, skipped: {export}")
             continue
-        times[name] = run_stage(name, recipes, export, recipe_dir, a.max_steps, log)
+        times[name] = run_stage(name, recipes, export, recipe_dir, a.max_steps, log, overrides)
     demo(a.out, log)
     log("\nstage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
         + f"; total {time.time() - start:.0f}s")
