@@ -34,3 +34,18 @@ def test_recipe_parses(recipe, capsys):
         assert proc["aspect_range"] == [0.67, 1.5] and proc["condition_size"] == 504
     if recipe.name == "sft.yaml":
         assert proc["aspect_range"] == [1.0, 1.0] and proc["min_source_side"] == 1024
+
+
+def test_the_quickstart_overlay_conditions_on_the_llm(capsys):
+    """recipes/quickstart/dit_on_llm.yaml merged over dit.yaml, as its header's Run line does."""
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(ROOT / "recipes/quickstart/dit.yaml"),
+              "--config", str(ROOT / "recipes/quickstart/dit_on_llm.yaml"), "--print_config"])
+    assert e.value.code in (None, 0)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    model, proc = cfg["model"]["init_args"], cfg["data"]["init_args"]["processor"]["init_args"]
+    assert model["condition"] == {"class_path": "kelix.dit.conditions.LLMConditions", "init_args": {
+        "lm": "runs/llm_stage2_2/export", "tokenizer": "runs/tokenizer/export", "include_markers": True,
+        "dtype": "float32"}}
+    assert model["dit"]["cond_dim"] == 64 and (proc["condition"], proc["condition_size"]) == ("llm", 84)
+    assert model["vae"]["kind"] == "pixel"  # kept from dit.yaml
