@@ -66,6 +66,9 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=4 if cuda else 2)
     p.add_argument("--length", type=int, default=4096 if cuda else 256)
     p.add_argument("--visual-frac", type=float, default=0.5)
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each backbone layer")
+    p.add_argument("--grid", type=int, default=8 if cuda else 3, help="side of the generated image's block grid")
+    p.add_argument("--skip", nargs="*", default=[], choices=["heads", "attention", "generate"])
     a = p.parse_args(argv)
     device = "cuda" if cuda else "cpu"
     big = a.scale != "tiny"
@@ -73,6 +76,10 @@ def main(argv=None):
     lm = KelixLM(LLMConfig(backbone_config=QWEN3[a.scale], text_tokenizer="builtin:bytes", N=8 if big else 4,
                            K=8192 if big else 64, visual_input="table", attn_implementation="sdpa",
                            **({} if big else dict(decoder_width=64, decoder_heads=2, decoder_ffn=128)))).to(device)
+    if a.activation_checkpointing:
+        from kelix.training.parallel import apply_activation_checkpointing
+
+        apply_activation_checkpointing(lm, lm.blocks())
     opt = torch.optim.AdamW([q for q in lm.parameters() if q.requires_grad], lr=1e-5, fused=cuda)
     batch = make_batch(lm, a.rows, a.length, a.visual_frac, device)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -88,7 +95,8 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
     t = timeit(step, warmup=2, repeat=5 if cuda else 2)
     blocks = a.rows * a.length
-    res = {"scale": a.scale, "rows": a.rows, "blocks_per_row": a.length, "N": lm.vocab.N, "K": lm.vocab.K,
+    res = {"scale": a.scale, "activation_checkpointing": a.activation_checkpointing, "rows": a.rows,
+           "blocks_per_row": a.length, "N": lm.vocab.N, "K": lm.vocab.K,
            "params_m": round(sum(q.numel() for q in lm.parameters()) / 1e6, 1),
            "train_step_s": round(t, 4), "blocks_per_s": round(blocks / t, 1)}
     peak = peak_flops()
@@ -97,24 +105,25 @@ def main(argv=None):
         res["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     # slot-restricted heads (K rows per code slot) vs a full-vocabulary head for every slot
-    lm.eval()
-    P = 2048 if cuda else 64
-    out = torch.randn(P, lm.hidden_size, device=device, dtype=dtype)
-    head = lm.lm_head.weight
+    if "heads" not in a.skip:
+        lm.eval()
+        P = 2048 if cuda else 64
+        out = torch.randn(P, lm.hidden_size, device=device, dtype=dtype)
+        head = lm.lm_head.weight
 
-    def restricted():
-        return [lm.slot_logits(out, j, "visual") for j in range(lm.vocab.N)]
+        def restricted():
+            return [lm.slot_logits(out, j, "visual") for j in range(lm.vocab.N)]
 
-    def full():
-        return [torch.nn.functional.linear(lm.final_norm(out), head) for _ in range(lm.vocab.N)]
+        def full():
+            return [torch.nn.functional.linear(lm.final_norm(out), head) for _ in range(lm.vocab.N)]
 
-    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=cuda):
-        res["visual_slot_heads_restricted_s"] = round(timeit(restricted), 5)
-        res["visual_slot_heads_full_vocab_s"] = round(timeit(full), 5)
-        res["head_rows_restricted_vs_full"] = f"{lm.vocab.K} vs {head.shape[0]}"
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=cuda):
+            res["visual_slot_heads_restricted_s"] = round(timeit(restricted), 5)
+            res["visual_slot_heads_full_vocab_s"] = round(timeit(full), 5)
+            res["head_rows_restricted_vs_full"] = f"{lm.vocab.K} vs {head.shape[0]}"
 
     # attention kernels behind SDPA at the backbone's shape (flash attention is PyTorch's own on Hopper)
-    if cuda:
+    if cuda and "attention" not in a.skip:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         cfg = lm.backbone.config
@@ -132,12 +141,14 @@ def main(argv=None):
                 res[f"sdpa_fwd_bwd_{be.name.lower()}_s"] = f"unavailable: {str(e).splitlines()[0][:80]}"
 
     # image generation: KV caches on vs recomputing the prefix every block
-    grid = (8, 8) if cuda else (3, 3)
-    with torch.autocast(device, dtype=dtype, enabled=cuda):
-        for name, kw in (("cached", {}), ("uncached", dict(use_cache=False, decoder_cache=False))):
-            gt = timeit(lambda kw=kw: generate_image(lm, ["a red circle"] * 4, grid, Sampling(seed=0), **kw),
-                        warmup=1, repeat=2)
-            res[f"generate_{grid[0]}x{grid[1]}_{name}_s"] = round(gt, 3)
+    if "generate" not in a.skip:
+        grid = (a.grid, a.grid)
+        with torch.autocast(device, dtype=dtype, enabled=cuda):
+            for name, kw in (("cached", {}), ("uncached", dict(use_cache=False, decoder_cache=False))):
+                gt = timeit(lambda kw=kw: generate_image(lm, ["a red circle"] * 4, grid, Sampling(seed=0), **kw),
+                            warmup=1, repeat=2)
+                res[f"generate_{grid[0]}x{grid[1]}_{name}_s"] = round(gt, 3)
+
     return report("llm", **res)
 
 
