@@ -18,7 +18,6 @@ import torch
 from kelix.llm.loss import nbp_loss
 from kelix.llm.model import KelixLM, LLMConfig
 from kelix.training.module import KelixModule
-from kelix.training.optim import OptimConfig
 
 log = logging.getLogger("kelix.llm")
 
@@ -51,12 +50,8 @@ class UnifiedLLMModule(KelixModule):
         export_dtype: dtype of exported floating tensors (e.g. ``bfloat16``; default: as trained).
         sample_every_n_steps: every this many training steps (and on the first validation batch),
             log the teacher-forced predictions of one document as text to TensorBoard (0: never).
-        optim: optimizer and schedule (see :class:`~kelix.training.optim.OptimConfig`).
-        nonfinite: see :class:`~kelix.training.module.KelixModule`.
-        max_skipped_steps: see :class:`~kelix.training.module.KelixModule`.
-        activation_checkpointing: recompute each backbone layer in backward.
-        fsdp_param_dtype: see :class:`~kelix.training.module.KelixModule`.
-        fsdp_reshard_after_forward: see :class:`~kelix.training.module.KelixModule`.
+        **kwargs: :class:`~kelix.training.module.KelixModule` options (``optim``, ``nonfinite``,
+            ``activation_checkpointing`` of each backbone layer, ``fsdp_param_dtype``...).
     """
 
     def __init__(
@@ -72,15 +67,9 @@ class UnifiedLLMModule(KelixModule):
         export_dir: str | None = None,
         export_dtype: str | None = None,
         sample_every_n_steps: int = 0,
-        optim: OptimConfig | None = None,
-        nonfinite: Literal["skip", "stop"] = "skip",
-        max_skipped_steps: int = 20,
-        activation_checkpointing: bool = False,
-        fsdp_param_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-        fsdp_reshard_after_forward: bool = True,
+        **kwargs,
     ):
-        super().__init__(optim, nonfinite, max_skipped_steps, activation_checkpointing, fsdp_param_dtype,
-                         fsdp_reshard_after_forward)
+        super().__init__(**kwargs)
         if block_loss not in ("sum", "equal_block"):
             raise ValueError(f"block_loss {block_loss!r} is not sum or equal_block")
         if visual_table not in ("fold", "random"):

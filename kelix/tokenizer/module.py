@@ -75,11 +75,8 @@ class TokenizerModule(KelixModule):
             ``kelix export-tokenizer`` writes from a checkpoint).
         optim: optimizer, per-group learning rates (``group_lr`` prefixes such as
             ``tokenizer.encoder.``, ``tokenizer.quantizer.``, ``aux_lm.``) and schedule.
-        nonfinite: ``skip`` or ``stop`` on a NaN/inf loss.
-        max_skipped_steps: stop after this many non-finite steps in a row.
-        activation_checkpointing: recompute ViT and aux-LM blocks in backward.
-        fsdp_param_dtype: FSDP2 compute dtype of gathered parameters.
-        fsdp_reshard_after_forward: free gathered parameters after forward.
+        **kwargs: :class:`~kelix.training.module.KelixModule` options (``nonfinite``,
+            ``activation_checkpointing`` of the ViT and aux-LM blocks, ``fsdp_param_dtype``...).
     """
 
     def __init__(
@@ -100,15 +97,9 @@ class TokenizerModule(KelixModule):
         fit_codebook: bool = False,
         export_dir: str | None = None,
         optim: OptimConfig | None = None,
-        nonfinite: Literal["skip", "stop"] = "skip",
-        max_skipped_steps: int = 20,
-        activation_checkpointing: bool = False,
-        fsdp_param_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-        fsdp_reshard_after_forward: bool = True,
+        **kwargs,
     ):
-        super().__init__(optim=optim, nonfinite=nonfinite, max_skipped_steps=max_skipped_steps,
-                         activation_checkpointing=activation_checkpointing, fsdp_param_dtype=fsdp_param_dtype,
-                         fsdp_reshard_after_forward=fsdp_reshard_after_forward)
+        super().__init__(optim=optim, **kwargs)
         from kelix.hf import load_causal_lm
 
         if aux_lm is None and aux_lm_config is None:
