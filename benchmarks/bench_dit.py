@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import report, timeit
+from benchmarks.common import report, time_train_step, timeit
 
 SCALES = {
     "tiny": dict(cond=64, latent=(4, 8), L=16, t=dict(in_channels=4, out_channels=4, num_attention_heads=2,
@@ -48,19 +48,14 @@ def main(argv=None):
     flow = FlowConfig()
     g = torch.Generator(device=device).manual_seed(0)
 
-    def step():
+    def loss():
         sigma = sample_sigmas(a.batch, flow, generator=g).to(device)
         noise = torch.randn(x0.shape, device=device, generator=g)
         with torch.autocast(device, dtype=dtype, enabled=cuda):
             v = dit(add_noise(x0, noise, sigma), sigma * 1000, states, mask)
-            loss = torch.nn.functional.mse_loss(v.float(), velocity_target(x0, noise))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            return torch.nn.functional.mse_loss(v.float(), velocity_target(x0, noise))
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t = timeit(step, warmup=2, repeat=5 if cuda else 2)
+    t = time_train_step(loss, opt, repeat=5 if cuda else 2)
     params = sum(q.numel() for q in dit.parameters())
     res = {"scale": a.scale, "batch": a.batch, "latent": [C, h, w], "condition_length": s["L"],
            "params_m": round(params / 1e6, 1), "train_step_s": round(t, 4), "images_per_s": round(a.batch / t, 2)}

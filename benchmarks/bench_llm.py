@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import report, timeit
+from benchmarks.common import report, time_train_step, timeit
 from kelix.hf import TINY_QWEN3
 
 QWEN3 = {
@@ -84,16 +84,11 @@ def main(argv=None):
     batch = make_batch(lm, a.rows, a.length, a.visual_frac, device)
     dtype = torch.bfloat16 if cuda else torch.float32
 
-    def step():
+    def loss():
         with torch.autocast(device, dtype=dtype, enabled=cuda):
-            loss = nbp_loss(lm(*batch), lm.vocab.N)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            return nbp_loss(lm(*batch), lm.vocab.N)["loss"]
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t = timeit(step, warmup=2, repeat=5 if cuda else 2)
+    t = time_train_step(loss, opt, repeat=5 if cuda else 2)
     blocks = a.rows * a.length
     res = {"scale": a.scale, "activation_checkpointing": a.activation_checkpointing, "rows": a.rows,
            "blocks_per_row": a.length, "N": lm.vocab.N, "K": lm.vocab.K,

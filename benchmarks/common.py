@@ -32,6 +32,19 @@ def timeit(fn, warmup: int = 2, repeat: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def time_train_step(loss_fn, optimizer, repeat: int = 5) -> float:
+    """Median seconds of forward (``loss_fn()``), backward and optimizer step; peak memory is reset first."""
+
+    def step():
+        loss_fn().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return timeit(step, warmup=2, repeat=repeat)
+
+
 def report(name: str, **results) -> dict:
     out = {"benchmark": name, **results, "env": device_info()}
     print(json.dumps(out))
