@@ -196,7 +196,8 @@ class ProductQuantizer(nn.Module):
             raise ValueError(f"fit_codebook needs at least K={self.K} vectors per sub-codebook, got {z.shape[0]}")
         norm = self.codebook.norm
         for i in range(books):
-            km = faiss.Kmeans(self.d, self.K, niter=niter, seed=seed + i, verbose=False)
+            # one batch is all there is: do not ask faiss for its usual 39 points per centroid
+            km = faiss.Kmeans(self.d, self.K, niter=niter, seed=seed + i, verbose=False, min_points_per_centroid=1)
             km.train(np.ascontiguousarray(z[:, i].cpu().numpy(), dtype=np.float32))
             target = torch.from_numpy(km.centroids).to(z)
             if norm.kind == "layernorm":  # undo the affine, so LN(C W + b) lands on the centres
