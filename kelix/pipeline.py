@@ -129,12 +129,14 @@ class KelixPipeline:
 
     # -- understanding
     @torch.no_grad()
-    def understand(self, images, question: str, max_new_tokens: int = 128, sampling: Sampling | None = None) -> str:
+    def understand(self, images, question: str, max_new_tokens: int = 128, sampling: Sampling | None = None,
+                   progress: bool = False) -> str:
         """Answer ``question`` about ``images`` (a PIL image or a list; may be empty for text chat)."""
         images = [images] if isinstance(images, PILImage.Image) else list(images or [])
         codes = self.tokenizer.encode(images) if images else []
         doc = understanding_doc(self.lm, question, codes)
-        ids = generate_text(self.lm, [doc], max_new_blocks=max_new_tokens, sampling=sampling or Sampling(temperature=0))
+        ids = generate_text(self.lm, [doc], max_new_blocks=max_new_tokens, sampling=sampling or Sampling(temperature=0),
+                            progress=progress)
         return self.lm.text_tokenizer.decode(ids[0], skip_special_tokens=True).strip()
 
     # -- generation

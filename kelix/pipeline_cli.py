@@ -59,7 +59,7 @@ def chat(argv: list[str] | None = None) -> int:
     images = [Image.open(path).convert("RGB") for path in a.image]
     pipe = _load(a, dit=False)
     s = Sampling(temperature=a.temperature or 0.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    print(pipe.understand(images, a.question, max_new_tokens=a.max_new_tokens, sampling=s))
+    print(pipe.understand(images, a.question, max_new_tokens=a.max_new_tokens, sampling=s, progress=True))
     return 0
 
 

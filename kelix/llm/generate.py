@@ -196,12 +196,14 @@ def prompt_doc(lm, prompt: str) -> BlockDoc:
 
 @torch.no_grad()
 def generate_text(lm, docs: list[BlockDoc], max_new_blocks: int = 64, sampling: Sampling | None = None,
-                  use_cache: bool = True, decoder_cache: bool = True, stop_ids: tuple[int, ...] | None = None
-                  ) -> list[list[int]]:
+                  use_cache: bool = True, decoder_cache: bool = True, stop_ids: tuple[int, ...] | None = None,
+                  progress: bool = False) -> list[list[int]]:
     """Continue each prompt document with text blocks until ``<|im_end|>`` (or ``max_new_blocks``).
 
-    Returns the new token ids of each row, the stop token excluded.
+    Returns the new token ids of each row, the stop token excluded. ``progress`` shows a bar of blocks.
     """
+    from tqdm.auto import tqdm
+
     s = sampling or Sampling(temperature=0.0)
     if s.cfg_scale != 1.0:
         raise ValueError("cfg_scale applies to image generation only")
@@ -213,7 +215,7 @@ def generate_text(lm, docs: list[BlockDoc], max_new_blocks: int = 64, sampling: 
     pad = lm.text_tokenizer.pad_token_id or 0
     out: list[list[int]] = [[] for _ in docs]
     done = torch.zeros(len(docs), dtype=torch.bool, device=h.device)
-    for _ in range(max_new_blocks):
+    for _ in tqdm(range(max_new_blocks), desc="answer blocks", disable=not progress, leave=False):
         t = draw.text(h)
         t = torch.where(done, torch.full_like(t, pad), t)
         for b, tok in enumerate(t.tolist()):
