@@ -39,8 +39,8 @@ class KelixCLI(LightningCLI):
     * logs go to TensorBoard under ``runs/<name>/version_N`` (``name`` defaults to the recipe's
       file name) with the resolved config saved beside them;
     * checkpointing (:class:`~kelix.training.checkpoint.KelixCheckpoint`: atomic ``last.ckpt``,
-      saved on SIGTERM), learning-rate, throughput and data-health monitors are always on and
-      configurable under ``checkpoint:``, ``lr_monitor:``, ``throughput:`` and ``data_health:``;
+      saved on SIGTERM; options under ``checkpoint:``), the learning-rate monitor (``lr_monitor:``),
+      throughput and data-health monitors are always on;
     * ``fit --ckpt_path last`` resumes the newest ``runs/<name>/version_N`` holding a
       ``checkpoints/last.ckpt`` and keeps logging into that same directory.
     """
