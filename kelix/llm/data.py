@@ -5,7 +5,10 @@ visual blocks with row markers). An image enters as its pre-computed code grid
 (``{key}.{i}.codes.npy``) when the shard has one, else as pixels that the frozen image tokenizer
 encodes inside the LightningModule (batched, on the device). Understanding and interleaved images
 keep their native resolution (``image``); generation targets, images in an assistant turn, use
-``gen_image`` (paper 4.3.3: 504x504, aspect 0.75-1.33).
+``gen_image`` (paper 4.3.3: 504x504, aspect 0.75-1.33); their pre-computed code grids must be the grid
+that rule gives (else skipped as ``gen_grid``). A text-to-image sample drops its prompt with
+probability ``prompt_dropout`` (:func:`~kelix.llm.layout.drop_prompt`): the unconditional branch of
+classifier-free guidance is trained on exactly the prompt generation uses for it.
 
 Batch (from :func:`collate_docs`): rows of ``L`` blocks, several documents per row when packing:
 
@@ -20,15 +23,17 @@ Batch (from :func:`collate_docs`): rows of ``L`` blocks, several documents per r
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from kelix.data.images import ImageConfig, resize_image, to_tensor
+from kelix.data.images import ImageConfig, resize_image, target_size, to_tensor
 from kelix.data.processor import Processor
 from kelix.data.schema import Sample, SampleError
-from kelix.llm.layout import BlockDoc, Layout
+from kelix.llm.layout import BlockDoc, Layout, drop_prompt, is_t2i
 from kelix.llm.vocab import extend_text_tokenizer
 
 GEN_IMAGE = ImageConfig(fixed_size=504, aspect_range=(0.75, 1.33))
@@ -104,14 +109,21 @@ class LLMProcessor(Processor):
         pad_to_multiple_of: round the row length up (GPU kernels like multiples of 8 or 64).
         use_codes: use pre-computed ``codes.npy`` when present (False: always encode the pixels).
         row_marker: the row-marker text (must match ``lm.row_marker``).
+        prompt_dropout: probability that a text-to-image sample (images in assistant turns only)
+            loses its prompt, training the unconditional branch that CFG (``cfg_scale``) reads; 0.1
+            as is common. The draw is a hash of (``prompt_dropout_seed``, shard file name, key): the
+            same samples drop on every pass, on resume, and in validation.
+        prompt_dropout_seed: seed of that draw.
     """
 
     def __init__(self, text_tokenizer: str, N: int, K: int, image: ImageConfig | None = None,
                  gen_image: ImageConfig | None = None, completion_only: bool = False, max_blocks: int = 4096,
                  pack: bool = True, pad_to_multiple_of: int = 1, use_codes: bool = True,
-                 row_marker: str = "{row},{cols}"):
+                 row_marker: str = "{row},{cols}", prompt_dropout: float = 0.1, prompt_dropout_seed: int = 0):
         if N < 1 or K < 1:
             raise ValueError(f"processor N and K must be >= 1, got N={N}, K={K}")
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise ValueError(f"processor prompt_dropout {prompt_dropout} is not in [0, 1]")
         self.text_tokenizer, self.N, self.K = text_tokenizer, N, K
         self.image = image or ImageConfig()
         self.gen_image = gen_image or replace(GEN_IMAGE, patch_size=self.image.patch_size,
@@ -120,6 +132,7 @@ class LLMProcessor(Processor):
             raise ValueError(f"gen_image patch*merge {self.gen_image.factor} != image patch*merge {self.image.factor}")
         self.completion_only, self.max_blocks, self.pack = completion_only, max_blocks, pack
         self.pad_to_multiple_of, self.use_codes, self.row_marker = pad_to_multiple_of, use_codes, row_marker
+        self.prompt_dropout, self.prompt_dropout_seed = prompt_dropout, prompt_dropout_seed
         self._layout: Layout | None = None
 
     @property
@@ -143,6 +156,8 @@ class LLMProcessor(Processor):
                     raise SampleError("bad_codes", f"{where}: codes of {image.name} have shape {codes.shape}, want [h, w, {self.N}]")
                 if codes.min() < 0 or codes.max() >= self.K:
                     raise SampleError("bad_codes", f"{where}: codes of {image.name} outside 0..{self.K - 1}")
+                if role == "assistant":
+                    self._check_gen_grid(codes.shape[0], codes.shape[1], image, where)
                 t = torch.from_numpy(codes.astype(np.int64))
                 return t.shape[0], t.shape[1], t, None
             if image.pixels is None:
@@ -154,7 +169,35 @@ class LLMProcessor(Processor):
 
         return prepare
 
+    def _check_gen_grid(self, h: int, w: int, image, where: str):
+        """A generation target's code grid must be what ``gen_image`` makes of pixels (the 504 px rule)."""
+        cfg, f = self.gen_image, self.gen_image.factor
+        if image.pixels is not None and cfg.aspect_range is not None:  # the source image, when shipped
+            (lo, hi), (pw, ph) = cfg.aspect_range, image.pixels.size
+            if not lo <= pw / ph <= hi:
+                raise SampleError("aspect_ratio", f"{where}: image {image.name} {pw}x{ph} has aspect {pw / ph:.2f} "
+                                                  f"outside [{lo}, {hi}]")
+        try:
+            want = target_size(h * f, w * f, cfg)
+        except ValueError:  # an extreme aspect ratio
+            want = None
+        ok = want == (h * f, w * f) and (cfg.aspect_range is None or cfg.aspect_range[0] <= w / h <= cfg.aspect_range[1])
+        if not ok:
+            rule = f"fixed_size {cfg.fixed_size} gives {cfg.fixed_size // f}x{cfg.fixed_size // f}" if cfg.fixed_size \
+                else f"pixels {cfg.min_pixels}..{cfg.max_pixels}, aspect {cfg.aspect_range}"
+            raise SampleError("gen_grid", f"{where}: generation target {image.name} has a {h}x{w} code grid; "
+                                          f"gen_image ({rule}) does not make it")
+
+    def _drops_prompt(self, sample: Sample) -> bool:
+        if self.prompt_dropout <= 0 or not is_t2i(sample):
+            return False
+        name = f"{self.prompt_dropout_seed}/{os.path.basename(sample.shard)}/{sample.key}".encode()
+        u = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") / 2**64
+        return u < self.prompt_dropout
+
     def __call__(self, sample: Sample) -> BlockDoc:
+        if self._drops_prompt(sample):
+            sample = drop_prompt(sample)
         doc = self.layout.build(sample, self._image(sample), completion_only=self.completion_only)
         if len(doc) > self.max_blocks:
             raise SampleError("too_long", f"{sample.shard}:{sample.key}: {len(doc)} blocks > max_blocks {self.max_blocks}")

@@ -14,16 +14,23 @@ generation (image in the assistant turn).
 
 ``messages`` use ChatML (as Qwen3): ``<|im_start|>{role}\\n{content}<|im_end|>\\n``. With
 ``completion_only`` only the assistant's content and its ``<|im_end|>`` are training targets
-(paper 4.3.3, stage 2.2 on); otherwise every block but a document's first is one.
+(paper 4.3.3, stage 2.2 on); otherwise every block but a document's first is one. Under
+``completion_only`` a caption (``segments`` of task ``caption``, e.g. img2dataset's image + txt) is laid
+out as ``user: image -> assistant: caption`` (:func:`caption_as_chat`): only the caption is a target,
+never its image (that would be unconditional image generation in understanding data).
+
+Text-to-image samples and generation share one prompt layout, :meth:`Layout.t2i_prompt`; the
+unconditional prompt of classifier-free guidance is ``t2i_prompt("")``, which is what
+:func:`drop_prompt` trains (the processor's ``prompt_dropout``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from kelix.data.schema import Sample, SampleError
+from kelix.data.schema import Part, Sample, SampleError, Turn
 from kelix.llm.vocab import DOC_END, SPECIAL_TOKENS, special_ids
 
 VISUAL = -1  # the text id stored for a visual block
@@ -117,11 +124,19 @@ class Layout:
     def chat_header(self, role: str) -> list[int]:
         return self.text(f"{SPECIAL_TOKENS['im_start']}{role}\n")
 
+    def t2i_prompt(self, prompt: str) -> list[int]:
+        """The blocks before a generated image: ``user: prompt`` then the assistant header. ``build``
+        lays a one-round t2i sample out the same way; ``""`` gives CFG's unconditional prompt."""
+        return (self.chat_header("user") + self.text(prompt) + [self.ids["im_end"]] + self.text("\n")
+                + self.chat_header("assistant"))
+
     def build(self, sample: Sample, image_fn, completion_only: bool = False) -> BlockDoc:
         """Lay out a sample. ``image_fn(image, role) -> (h, w, codes|None, pixels|None)`` prepares
         each image (``role`` is None in ``segments``); it may raise :class:`SampleError`."""
         doc = BlockDoc()
         where = f"{sample.shard}:{sample.key}"
+        if completion_only and sample.kind == "segments" and sample.task == "caption":
+            sample = caption_as_chat(sample)
         if sample.kind == "messages":
             for turn in sample.turns:
                 train = turn.role == "assistant" or not completion_only
@@ -149,11 +164,40 @@ class Layout:
                 self.add_image(doc, h, w, train, codes=codes, pixels=pixels)
 
 
+def caption_as_chat(sample: Sample) -> Sample:
+    """A caption's ``segments`` as ``user: parts up to its last image -> assistant: the text after``."""
+    parts = sample.turns[0].parts
+    last = max((i for i, p in enumerate(parts) if p.type == "image"), default=None)
+    if last is None:  # no image: plain text, trained as such
+        return sample
+    answer = parts[last + 1:]
+    if not any(p.text for p in answer):
+        raise SampleError("no_targets", f"{sample.shard}:{sample.key}: caption has no text after its last image "
+                                        "(completion_only trains only the caption)")
+    return replace(sample, kind="messages", turns=[Turn("user", parts[:last + 1]), Turn("assistant", answer)])
+
+
+def is_t2i(sample: Sample) -> bool:
+    """Text-to-image: chat turns where an assistant turn holds an image and no other turn does."""
+    if sample.kind != "messages":
+        return False
+    has = [any(p.type == "image" for p in t.parts) for t in sample.turns]
+    return any(h for h, t in zip(has, sample.turns) if t.role == "assistant") and \
+        not any(h for h, t in zip(has, sample.turns) if t.role != "assistant")
+
+
+def drop_prompt(sample: Sample) -> Sample:
+    """A t2i sample without its prompt: system turns removed, each user turn emptied. A one-round
+    sample then starts with ``t2i_prompt("")``, the unconditional prompt of generation's CFG."""
+    turns = [Turn("user", [Part("text", text="")]) if t.role == "user" else t
+             for t in sample.turns if t.role != "system"]
+    return replace(sample, turns=turns)
+
+
 def t2i_doc(layout: Layout, prompt: str, codes: torch.Tensor) -> tuple[BlockDoc, ImageRef]:
     """The text-to-image chat document (user: prompt; assistant: the image), as generation sees it."""
     doc = BlockDoc()
-    doc.add_text(layout.chat_header("user") + layout.text(prompt) + [layout.ids["im_end"]] + layout.text("\n"), False)
-    doc.add_text(layout.chat_header("assistant"), False)
+    doc.add_text(layout.t2i_prompt(prompt), False)
     h, w = int(codes.shape[0]), int(codes.shape[1])
     ref = layout.add_image(doc, h, w, True, codes=codes)
     doc.add_text([layout.ids["im_end"]], True)

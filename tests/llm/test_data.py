@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kelix.data.images import ImageConfig
+from kelix.data.schema import SampleError
 from kelix.data.stream import ShardStream
 from kelix.llm.data import LLMProcessor, _first_fit, collate_docs
 from tests.conftest import jpeg_bytes, write_shard
@@ -117,3 +118,120 @@ def test_generation_targets_outside_the_aspect_range_are_skipped(tmp_path):
     shard = write_shard(tmp_path / "t.tar", [{"__key__": "wide", "json": {"messages": msgs}, "0.jpg": jpeg_bytes((90, 30))}])
     stream = ShardStream([shard], processor=processor(), shuffle_buffer=1, repeat=False)
     assert list(stream) == [] and stream.stats["skipped/aspect_ratio"] == 1
+
+
+def test_img2dataset_captions_train_only_the_caption_under_completion_only(tmp_path):
+    shard = write_shard(tmp_path / "c.tar", [{"__key__": f"{i:09d}", "jpg": jpeg_bytes((60, 40)), "txt": f"cap {i}",
+                                             "json": {"width": 60}} for i in range(3)])
+
+    def docs(**kw):
+        return list(ShardStream([shard], processor=processor(**kw), shuffle_buffer=1, repeat=False))
+
+    lay = processor().layout
+    for d in docs(completion_only=True):
+        (img,) = d.images
+        assert not img.target and not any(d.targets[img.start:img.end + 1])  # zero visual targets
+        trained = [t for t, y in zip(d.tokens, d.targets) if y]
+        assert trained[-1] == lay.ids["im_end"] and lay.tok.decode(trained[:-1]).startswith("cap ")
+    for d in docs(completion_only=False):  # stage 1: image and caption are one trained document, as before
+        assert d.images[0].target and all(d.targets[1:]) and d.tokens[-1] == lay.doc_end
+
+
+def _t2i_sample(i, shard="t2i-00000.tar", grid=(3, 3)):
+    from kelix.data.schema import Image, Part, Sample, Turn
+
+    codes = np.zeros((*grid, 4), dtype=np.int16)
+    return Sample(f"s{i:06d}", f"/data/{shard}", "messages", [
+        Turn("user", [Part("text", text=f"Generate an image of cube {i}.")]),
+        Turn("assistant", [Part("image", image=Image("0.jpg", codes=codes))])], task="t2i")
+
+
+def test_prompt_dropout_is_a_deterministic_ten_percent_of_t2i_samples():
+    proc = processor(completion_only=True)
+    assert proc.prompt_dropout == 0.1
+    uncond = proc.layout.t2i_prompt("")
+
+    def dropped(p, samples):
+        return {s.key for s in samples if p(s).tokens[:len(uncond) + 1] == [*uncond, p.layout.ids["vision_start"]]}
+
+    samples = [_t2i_sample(i) for i in range(2000)]
+    got = dropped(proc, samples)
+    assert 0.08 < len(got) / len(samples) < 0.12  # 10% (binomial sd 0.7%)
+    # a function of (seed, shard name, key): the same in a fresh worker (resume), in another directory
+    assert dropped(pickle.loads(pickle.dumps(proc)), samples) == got
+    moved = [_t2i_sample(i) for i in range(2000)]
+    for s in moved:
+        s.shard = "/elsewhere/t2i-00000.tar"
+    assert dropped(proc, moved) == got
+    other = dropped(processor(completion_only=True, prompt_dropout_seed=1), samples)
+    assert 0.08 < len(other) / len(samples) < 0.12 and other != got
+    assert dropped(processor(completion_only=True, prompt_dropout=0.0), samples) == set()
+    # understanding samples never lose their question
+    from kelix.data.schema import Image, Part, Sample, Turn
+
+    vqa = [Sample(f"s{i:06d}", "v.tar", "messages", [
+        Turn("user", [Part("image", image=Image("0.jpg", codes=np.zeros((2, 2, 4), dtype=np.int16))),
+                      Part("text", text="?")]), Turn("assistant", [Part("text", text="a")])]) for i in range(300)]
+    proc1 = processor(completion_only=True, prompt_dropout=1.0)
+    assert all(proc1(s).tokens == proc(s).tokens for s in vqa)
+    assert all(proc1(s).tokens[:len(uncond) + 1] == [*uncond, proc.layout.ids["vision_start"]] for s in samples[:50])
+    with pytest.raises(ValueError, match="prompt_dropout"):
+        processor(prompt_dropout=1.5)
+
+
+def test_precomputed_generation_targets_must_have_the_fixed_size_grid(tmp_path):
+    msgs = [{"role": "user", "content": "draw"}, {"role": "assistant", "content": [{"type": "image", "image": "0.jpg"}]}]
+    und = [{"role": "user", "content": [{"type": "image", "image": "0.jpg"}, {"type": "text", "text": "?"}]},
+           {"role": "assistant", "content": "ok"}]
+
+    def codes(h, w):
+        return npy(np.zeros((h, w, 4), dtype=np.int16))
+
+    # GEN: fixed_size 84 at 28 px per token -> a 3x3 grid, aspect 0.5..2
+    shard = write_shard(tmp_path / "g.tar", [
+        {"__key__": "good", "json": {"messages": msgs}, "0.codes.npy": codes(3, 3)},
+        {"__key__": "native", "json": {"messages": msgs}, "0.codes.npy": codes(2, 3)},
+        {"__key__": "big", "json": {"messages": msgs}, "0.codes.npy": codes(18, 18)},
+        {"__key__": "wide", "json": {"messages": msgs}, "0.codes.npy": codes(3, 3), "0.jpg": jpeg_bytes((90, 30))},
+        {"__key__": "understanding", "json": {"messages": und}, "0.codes.npy": codes(2, 3)},  # native: fine
+    ])
+    stream = ShardStream([shard], processor=processor(completion_only=True, prompt_dropout=0.0), shuffle_buffer=1,
+                         repeat=False)
+    docs = list(stream)
+    assert len(docs) == 2 and stream.stats["skipped/gen_grid"] == 2 and stream.stats["skipped/aspect_ratio"] == 1
+    assert sorted((d.images[0].h, d.images[0].w, d.images[0].target) for d in docs) == [(2, 3, False), (3, 3, True)]
+
+
+def test_native_resolution_generation_targets_are_checked_against_the_pixel_budget():
+    native = ImageConfig(patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=112 * 112, aspect_range=(0.5, 2.0))
+    proc = LLMProcessor("builtin:bytes", N=4, K=32, image=IMAGE, gen_image=native, prompt_dropout=0.0)
+    assert proc(_t2i_sample(0, grid=(2, 3))).images[0].target  # 56x84 px: within budget and aspect
+    for grid in ((5, 5), (1, 1), (1, 4)):  # over max_pixels, under min_pixels, aspect 4
+        with pytest.raises(SampleError, match="3x3|5x5|1x1|1x4") as e:
+            proc(_t2i_sample(0, grid=grid))
+        assert e.value.reason == "gen_grid"
+
+
+def test_the_dropped_prompt_is_the_unconditional_prompt_of_generation_cfg(lm_table, monkeypatch):
+    """Generation with CFG runs the conditional rows, then the unconditional ones (left padded); what
+    a dropped t2i sample trains before its image must be exactly that unconditional row."""
+    from kelix.llm.generate import Sampling, generate_image
+
+    proc = processor(completion_only=True, prompt_dropout=1.0)
+    seen = []
+    real = lm_table.embed_blocks
+    monkeypatch.setattr(lm_table, "embed_blocks", lambda t, c: seen.append(t.clone()) or real(t, c))
+    prompt = "Generate an image of cube 7."
+    generate_image(lm_table, [prompt], grid=(1, 1), sampling=Sampling(cfg_scale=3.0))
+    cond_row, uncond_row = seen[0].tolist()  # the prefill: one conditional and one unconditional row
+    pad = lm_table.text_tokenizer.pad_token_id or 0
+
+    def trained_prefix(p, sample):
+        d = p(sample)
+        return d.tokens[:d.images[0].start], d.targets[:d.images[0].start]
+
+    uncond, targets = trained_prefix(proc, _t2i_sample(7))
+    assert uncond_row[len(uncond_row) - len(uncond):] == uncond and not any(targets)
+    assert set(uncond_row[:len(uncond_row) - len(uncond)]) <= {pad}  # the rest is left padding
+    cond, _ = trained_prefix(processor(completion_only=True, prompt_dropout=0.0), _t2i_sample(7))
+    assert cond_row == cond and len(cond) > len(uncond)  # the conditional prompt, as trained
