@@ -184,13 +184,19 @@ class DiTModule(KelixModule):
             out["cond_dropped"] = drop.float().mean()
         return out
 
-    # -- EMA and sample images, after each optimizer step
+    # -- EMA: updated where the optimizer steps, so every checkpoint of step n (periodic, SIGTERM) already
+    # holds the EMA of step n; Lightning calls this hook once per optimizer step (not per accumulated batch)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        step = self.global_step + 1  # the trainer counts this step only after the hook returns
+        ema_update_(self.ema, self.dit, decay_at(step - 1, self.ema_decay, self.ema_warmup))
+        self._ema_step = step
+
+    # -- sample images, after each optimizer step
     def on_train_batch_end(self, outputs, batch, batch_idx):
         step = self.global_step
-        if step > self._ema_step:
-            ema_update_(self.ema, self.dit, decay_at(step - 1, self.ema_decay, self.ema_warmup))
-            self._ema_step = step
-        if self.sample_every_n_steps > 0 and step % self.sample_every_n_steps == 0 and step != self._sampled_at:
+        if (self.sample_every_n_steps > 0 and step > 0 and step % self.sample_every_n_steps == 0
+                and step != self._sampled_at):  # step 0: inside the first accumulation window
             self.log_samples()
 
     def on_train_end(self):
