@@ -8,7 +8,8 @@ null condition with probability ``cond_dropout`` (classifier-free guidance). An 
 kept (sharded like the weights under FSDP2, saved in checkpoints) and used for the sample images.
 
 Logged: ``loss``, the loss per sigma bucket, latent std (checks the VAE scaling), condition length;
-validation evaluates every item at each bucket's centre sigma with fixed noise (comparable across runs);
+validation evaluates every item at each bucket's centre sigma with fixed noise (comparable across runs),
+with the EMA weights by default (``val_weights``);
 every ``sample_every_n_steps`` a grid (VAE reconstruction of the targets over EMA samples) goes to
 TensorBoard.
 """
@@ -16,6 +17,7 @@ TensorBoard.
 import copy
 import logging
 from dataclasses import asdict
+from typing import Literal
 
 import torch
 from torch import nn
@@ -83,6 +85,8 @@ class DiTModule(KelixModule):
         num_samples: images in the grid (the first items of the first training batch, then fixed).
         sample_steps: Euler steps of those samples.
         sample_cfg: classifier-free guidance scale of those samples.
+        val_weights: which weights the validation (and test) loss is computed with: ``ema`` (default, the
+            weights the samples and the export use) or ``live`` (the weights being trained).
         export_dir: when fit ends, write the de-tokenizer here (EMA weights, ``vae/``, ``flow.json``;
             what ``kelix export-dit`` writes from a checkpoint).
         **kwargs: :class:`~kelix.training.module.KelixModule` options (``optim``, ``nonfinite``...).
@@ -92,11 +96,14 @@ class DiTModule(KelixModule):
                  condition: ConditionProvider | None = None, flow: FlowConfig | None = None,
                  init_from: str | None = None, cond_dropout: float = 0.1, ema_decay: float = 0.9999,
                  ema_warmup: bool = True, sample_every_n_steps: int = 1000, num_samples: int = 4,
-                 sample_steps: int = 20, sample_cfg: float = 4.5, export_dir: str | None = None, **kwargs):
+                 sample_steps: int = 20, sample_cfg: float = 4.5, val_weights: Literal["ema", "live"] = "ema",
+                 export_dir: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
         decay_at(0, ema_decay)  # validates the decay
+        if val_weights not in ("ema", "live"):
+            raise ValueError(f"val_weights {val_weights!r} is not 'ema' or 'live'")
         self.flow = flow or FlowConfig()
         self.vae_config = vae or VAEConfig()
         self.dit = KelixDiT(copy.deepcopy(dit or DiTConfig()))
@@ -119,6 +126,7 @@ class DiTModule(KelixModule):
         self.cond_dropout, self.ema_decay, self.ema_warmup = cond_dropout, ema_decay, ema_warmup
         self.sample_every_n_steps, self.num_samples = sample_every_n_steps, num_samples
         self.sample_steps, self.sample_cfg, self.export_dir = sample_steps, sample_cfg, export_dir
+        self.val_weights = val_weights
         self._gen: torch.Generator | None = None
         self._ema_step = 0
         self._sample_ref: tuple | None = None
@@ -170,7 +178,8 @@ class DiTModule(KelixModule):
             noise = torch.randn((k * b, *x0.shape[1:]), generator=g).to(self.device)
             x0, states, mask = x0.repeat(k, 1, 1, 1), states.repeat(k, 1, 1), mask.repeat(k, 1)
         x_t = add_noise(x0, noise, sigma)
-        v = self.dit(x_t, sigma * cfg.num_train_timesteps, states, mask, drop)
+        net = self.ema if split != "train" and self.val_weights == "ema" else self.dit
+        v = net(x_t, sigma * cfg.num_train_timesteps, states, mask, drop)
         per_item = (v.float() - velocity_target(x0, noise)).pow(2).mean(dim=tuple(range(1, x0.ndim)))
         out = {"loss": per_item.mean()}
         bucket = bucket_of(sigma, cfg.buckets)

@@ -43,6 +43,30 @@ def test_validation_evaluates_every_bucket_with_fixed_noise():
     assert torch.isclose(a["loss"], torch.stack([a[k] for k in bucket_names(4)]).mean())
 
 
+def test_validation_loss_uses_the_ema_weights_by_default():
+    m, live = tiny_module(), tiny_module(val_weights="live")
+    with torch.no_grad():  # the live weights move away from the EMA, as after training steps
+        for net in (m.dit, live.dit):
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    batch = fixed_batch()
+    with torch.no_grad():
+        got, got_live = m.step(batch, "val")["loss"], live.step(batch, "val")["loss"]
+        # by hand: every item at each bucket centre, noise of seed 0, MSE of the EMA's velocity to noise - x0
+        x0, b = batch["latents"], 4
+        sigma = (torch.arange(4.0) + 0.5).div(4).repeat_interleave(b)
+        noise = torch.randn((4 * b, *x0.shape[1:]), generator=torch.Generator().manual_seed(0))
+        x0 = x0.repeat(4, 1, 1, 1)
+        states, mask = m.frozen.condition(batch)
+        s = sigma.view(-1, 1, 1, 1)
+        want = [(net(((1 - s) * x0 + s * noise), sigma * 1000, states.repeat(4, 1, 1), mask.repeat(4, 1))
+                 - (noise - x0)).pow(2).mean() for net in (m.ema, m.dit)]
+    assert torch.allclose(got, want[0], rtol=1e-5) and torch.allclose(got_live, want[1], rtol=1e-5)
+    assert not torch.allclose(want[0], want[1], rtol=1e-3)
+    with pytest.raises(ValueError, match="val_weights 'best'"):
+        tiny_module(val_weights="best")
+
+
 def test_condition_dropout_uses_the_null_condition():
     m = tiny_module(cond_dropout=0.5)
     m._gen = torch.Generator().manual_seed(1)
