@@ -185,8 +185,10 @@ class LLMProcessor(Processor):
         if not ok:
             rule = f"fixed_size {cfg.fixed_size} gives {cfg.fixed_size // f}x{cfg.fixed_size // f}" if cfg.fixed_size \
                 else f"pixels {cfg.min_pixels}..{cfg.max_pixels}, aspect {cfg.aspect_range}"
+            hint = f" (pre-tokenize generation data with kelix tokenize --fixed-size {cfg.fixed_size})" \
+                if cfg.fixed_size else ""
             raise SampleError("gen_grid", f"{where}: generation target {image.name} has a {h}x{w} code grid; "
-                                          f"gen_image ({rule}) does not make it")
+                                          f"gen_image ({rule}) does not make it{hint}")
 
     def _drops_prompt(self, sample: Sample) -> bool:
         if self.prompt_dropout <= 0 or not is_t2i(sample):
