@@ -175,6 +175,7 @@ class KelixPipeline:
 
             dit = _Progress(detok.dit, bar)
             images = render(dit, detok.vae, states.float(), mask, image_size=size or self.config.image_size,
-                            steps=steps, cfg_scale=cfg, shift=detok.flow.shift, seed=seed)
+                            steps=steps, cfg_scale=cfg, shift=detok.flow.shift, seed=seed,
+                            num_train_timesteps=detok.flow.num_train_timesteps)
         pil = [to_pil(x) for x in images]
         return pil[0] if isinstance(prompt, str) else pil

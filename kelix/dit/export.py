@@ -42,7 +42,7 @@ class DeTokenizer:
         from kelix.dit.sampler import generate
 
         return generate(self.dit, self.vae, states, mask, image_size=image_size, steps=steps, cfg_scale=cfg_scale,
-                        shift=self.flow.shift, seed=seed)
+                        shift=self.flow.shift, seed=seed, num_train_timesteps=self.flow.num_train_timesteps)
 
     def to(self, device):
         self.dit.to(device)

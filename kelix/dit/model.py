@@ -147,12 +147,15 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         """Velocity ``[B, C, h, w]`` at noisy latents ``x`` ``[B, C, h, w]``.
 
         Args:
-            timestep: ``[B]`` or scalar, ``sigma * num_train_timesteps`` (the scheduler's timesteps).
+            timestep: ``[B]`` or scalar, ``sigma * num_train_timesteps`` (the scheduler's timesteps); the
+                transformer sees it times its config's ``timestep_scale``, as diffusers' ``SanaPipeline``
+                feeds it, so training and every sampler share one mapping.
             states, mask, drop: see :meth:`encode_condition`.
         """
         enc, enc_mask = self.encode_condition(states, mask, drop)
         if timestep.ndim == 0:
             timestep = timestep.expand(x.shape[0])
+        timestep = timestep * self.transformer.config.timestep_scale
         return self.transformer(x, encoder_hidden_states=enc, timestep=timestep,
                                 encoder_attention_mask=enc_mask.to(enc.dtype), return_dict=False)[0]
 

@@ -37,6 +37,8 @@ def sample_latents(dit: nn.Module, states: torch.Tensor, mask: torch.Tensor | No
         shift: timestep shift of the schedule (the training value, 3 for Kelix/SANA).
         seed: seed of the starting noise (ignored when ``noise`` is given).
         noise: starting noise ``[B, C, h, w]``.
+        num_train_timesteps: the training ``flow.num_train_timesteps`` (the network's timestep is
+            ``sigma * num_train_timesteps``, as in training).
     Returns:
         latents ``[B, C, h, w]`` (float32), to decode with the VAE.
     """
@@ -69,18 +71,19 @@ def sample_latents(dit: nn.Module, states: torch.Tensor, mask: torch.Tensor | No
 @torch.no_grad()
 def generate(dit: nn.Module, vae, states: torch.Tensor, mask: torch.Tensor | None = None, *,
              image_size: tuple[int, int] | int = 1024, steps: int = 20, cfg_scale: float = 4.5, shift: float = 3.0,
-             seed: int = 0) -> torch.Tensor:
+             seed: int = 0, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Condition states -> images ``[B, 3, H, W]`` in ``[-1, 1]`` (see :func:`sample_latents`).
 
     Args:
         vae: a :class:`~kelix.dit.vae.FrozenVAE` (its ``downsample`` gives the latent size).
         image_size: output ``(H, W)`` or a square side; multiples of the VAE's downsampling.
+        shift, num_train_timesteps: the training flow's (``FlowConfig``; an export's ``flow.json``).
     """
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     if h % vae.downsample or w % vae.downsample:
         raise ValueError(f"image_size {h}x{w} is not a multiple of the VAE's downsampling {vae.downsample}")
     latents = sample_latents(dit, states, mask, latent_size=(h // vae.downsample, w // vae.downsample), steps=steps,
-                             cfg_scale=cfg_scale, shift=shift, seed=seed)
+                             cfg_scale=cfg_scale, shift=shift, seed=seed, num_train_timesteps=num_train_timesteps)
     return vae.decode(latents)
 
 

@@ -78,3 +78,38 @@ def test_any_number_of_steps_and_images_in_range(dit):
     assert img.shape == (2, 3, 32, 32) and img.min() >= -1 and img.max() <= 1
     grid = image_grid([img, img])
     assert grid.shape == (3, 64, 64) and 0 <= grid.min() and grid.max() <= 1
+
+
+def test_sampling_feeds_the_transformer_the_timesteps_training_uses(monkeypatch):
+    """num_train_timesteps (flow) and SANA's timestep_scale: for the same sigma, the transformer gets the same
+    timestep in a training step and in sampling (an exported de-tokenizer), = sigma * N * timestep_scale as
+    diffusers' SanaPipeline feeds a SANA transformer."""
+    import kelix.dit.module as module
+    from kelix.dit.conditions import PromptBytesConditions
+    from kelix.dit.export import DeTokenizer
+    from kelix.dit.flow import FlowConfig
+    from kelix.dit.model import DiTConfig
+    from kelix.dit.module import DiTModule
+    from tests.dit.conftest import TINY_SANA
+
+    flow = FlowConfig(num_train_timesteps=500, shift=2.0)
+    torch.manual_seed(0)
+    m = DiTModule(dit=DiTConfig(cond_dim=COND_DIM, transformer=dict(TINY_SANA, timestep_scale=0.25)), flow=flow,
+                  condition=PromptBytesConditions(COND_DIM), cond_dropout=0.0, sample_every_n_steps=0)
+    seen = []
+    m.dit.transformer.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["timestep"].clone()),
+                                                with_kwargs=True)
+    det = DeTokenizer(m.dit, load_vae(VAEConfig()), flow)
+    det.generate(torch.randn(1, 3, COND_DIM), image_size=16, steps=3, cfg_scale=1.0)
+    sampled = torch.cat(seen)
+    sched = make_scheduler(2.0, 500)
+    sched.set_timesteps(3)
+    sigmas = sched.sigmas[:3].float()  # the noise level of each sampling step
+    seen.clear()
+    monkeypatch.setattr(module, "sample_sigmas", lambda n, cfg, generator=None: sigmas[:n])
+    batch = {"latents": torch.randn(3, 4, 4, 4), "prompts": ["a", "bb", "ccc"], "batch_size": 3}
+    m.step(batch, "train")
+    trained = seen[0]
+    assert sampled.shape == trained.shape == (3,)
+    assert torch.allclose(sampled, trained, rtol=1e-6)
+    assert torch.allclose(trained, sigmas * 500 * 0.25, rtol=1e-6)
