@@ -1,8 +1,11 @@
 """``kelix export-tokenizer``: a training checkpoint -> an HF-style tokenizer directory (no aux LM).
 
 The directory holds ``config.json`` (the :class:`~kelix.tokenizer.model.TokenizerConfig`, without
-local paths) and ``model.safetensors`` (encoder, merger, quantizer with its frozen centroids,
-up-projector); ``KelixTokenizer.from_pretrained(DIR)`` loads it.
+local paths) and ``model.safetensors`` (encoder, merger, quantizer, up-projector);
+``KelixTokenizer.from_pretrained(DIR)`` loads it. The quantizer ships its projected codebooks
+``LN(C_i W_i + b_i)`` as one table (``codebook_form: table``), all that encoding and embedding need:
+33 MB at N=8, K=8192, d=128 instead of the 302 MB centroid table (``--codebook-form simvq`` keeps
+the centroids and projections).
 """
 
 from __future__ import annotations
@@ -67,9 +70,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ckpt", required=True, help="TokenizerModule checkpoint (.ckpt, .safetensors or HF-style dir)")
     p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
     p.add_argument("--config", help="the training recipe, if the checkpoint carries no tokenizer config")
+    p.add_argument("--codebook-form", choices=["table", "simvq"], default="table",
+                   help="table: the projected codebooks only (inference); simvq: centroids + projections")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = load_checkpoint(a.ckpt, a.config)
+    if a.codebook_form == "table":
+        model = model.for_inference()
     model.save_pretrained(a.out)
     n = sum(t.numel() for t in model.state_dict().values())
     print(f"wrote {a.out}: {n / 1e6:.2f}M values, N={model.config.N} K={model.config.K} d={model.config.d} "

@@ -1,13 +1,15 @@
-"""Kelix-Tok (paper 3.1): vision encoder -> 2x2 patch merge -> product quantizer -> fuse -> up-projector.
+"""Kelix-Tok (paper 3.1): vision encoder -> 2x2 patch merge -> product quantizer -> up-projector -> fuse.
 
 ``KelixTokenizer`` is a plain ``nn.Module`` saved and loaded in HF layout (``config.json`` +
 ``model.safetensors``) through ``PyTorchModelHubMixin``. Interfaces other components use:
 
 * ``encode(images) -> list[LongTensor [h, w, N]]``: code grids, row-major merged tokens;
 * ``code_vectors() -> [N, K, d]``: the exact vector each code stands for;
-* ``embed_codes(codes [..., N]) -> [..., out_dim]``: ``up_projector(fuse_j code_vectors[j, c_j])``,
-  the visual embedding the aux LM reads;
-* ``up_projector`` (an ``nn.Linear(d, out_dim)``), ``config.fusion``, ``image_config``.
+* ``embed_codes(codes [..., N]) -> [..., out_dim]``: ``fuse_j U_j code_vectors[j, c_j]``, the visual
+  embedding the aux LM reads (``U_j`` the up-projection of slot j, see ``up_projection``);
+* ``slot_projection() -> (W [out_dim, N*d], b [out_dim])``: that map as one linear map of the
+  concatenated slot vectors (what the LLM folds into its embedding table), ``config.fusion``,
+  ``image_config``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from kelix.data.images import ImageConfig, resize_image, to_tensor
 from kelix.tokenizer.encoder import EncoderConfig, PatchMerger, VisionEncoder
-from kelix.tokenizer.quantizer import ContinuousAdapter, FSQuantizer, ProductQuantizer, QuantOutput
+from kelix.tokenizer.quantizer import FSQuantizer, ProductQuantizer, QuantOutput
 
 log = logging.getLogger("kelix.tokenizer")
 
@@ -36,11 +38,20 @@ class TokenizerConfig:
         K: entries per sub-codebook; S = N*K codes in all.
         d: dimension of each sub-vector and code vector.
         beta: commitment weight in L_VQ (Eq. 3).
-        fusion: how the N quantized vectors become one token: ``sum`` (paper default) or ``mean``.
+        fusion: how the N up-projected slot vectors become one token: ``sum`` (paper default) or ``mean``.
         out_dim: width of the up-projector output (the aux LM's hidden size: 1024 for Qwen3-0.6B).
+        up_projection: ``per_slot`` (default, as the official code): each slot has its own bias-free
+            ``d -> out_dim`` matrix and the projected slots are fused, so visual embeddings span up
+            to ``N*d`` dimensions; ``shared`` (ablation): the slots are fused in d dims, then one
+            ``Linear(d, out_dim)``, so every embedding lies in a d-dim affine subspace.
         quantizer: ``pq`` (independent sub-codebooks), ``shared`` (one codebook for all N slots),
             ``rvq`` (residual, N levels), ``fsq`` (finite scalar, ``prod(fsq_levels) == K``) or
-            ``none`` (continuous baseline). N=1 with ``pq`` is plain VQ.
+            ``none`` (continuous baseline, Table 6a: the merger's output goes straight to a
+            ``Linear(merger_dim, out_dim)``; N, K, d and norm are unused). N=1 with ``pq`` is plain VQ.
+        codebook_form: how ``pq``/``shared``/``rvq`` store their codebooks: ``simvq`` (training:
+            frozen centroids ``C_i`` and learned projections) or ``table`` (the projected codebooks
+            ``LN(C_i W_i + b_i)`` as one frozen table: what ``export-tokenizer`` writes, all that
+            encoding and embedding need, and far smaller than the centroids; not trainable further).
         fsq_levels: levels per FSQ dimension (``quantizer: fsq`` only).
         norm: normalisation of the sub-vectors and of the projected codebooks: ``layernorm`` with a
             learned affine per sub-codebook (as in the official code), ``fixed`` (LayerNorm without
@@ -64,7 +75,9 @@ class TokenizerConfig:
     beta: float = 0.25
     fusion: Literal["sum", "mean"] = "sum"
     out_dim: int = 1024
+    up_projection: Literal["per_slot", "shared"] = "per_slot"
     quantizer: Literal["pq", "shared", "rvq", "fsq", "none"] = "pq"
+    codebook_form: Literal["simvq", "table"] = "simvq"
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 4, 4])
     norm: Literal["layernorm", "fixed", "none"] = "layernorm"
     centroid_dim: int | None = None
@@ -90,6 +103,10 @@ class TokenizerConfig:
                 raise ValueError(f"tokenizer.{name} must be >= 1, got {getattr(self, name)}")
         if self.fusion not in ("sum", "mean"):
             raise ValueError(f"tokenizer.fusion {self.fusion!r} is not sum or mean")
+        if self.up_projection not in ("per_slot", "shared"):
+            raise ValueError(f"tokenizer.up_projection {self.up_projection!r} is not per_slot or shared")
+        if self.codebook_form not in ("simvq", "table"):
+            raise ValueError(f"tokenizer.codebook_form {self.codebook_form!r} is not simvq or table")
         if self.quantizer == "fsq":
             prod = 1
             for v in self.fsq_levels:
@@ -121,7 +138,7 @@ class TokenizerOutput:
     """Forward result for a batch of images (tokens packed image after image, row-major).
 
     Args:
-        embeds: ``[T, out_dim]`` visual token embeddings (fused, up-projected).
+        embeds: ``[T, out_dim]`` visual token embeddings (up-projected, fused).
         codes: ``[T, N]`` codes (None for the continuous baseline).
         grids: ``(h, w)`` merged-token grid of each image (``sum(h*w) == T``).
         loss: ``L_VQ``.
@@ -153,17 +170,26 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
         self.merger = PatchMerger(self.encoder.width, img.merge_size, config.merger_hidden, config.merger_dim,
                                   mlp=config.merger)
         in_dim = self.merger.out_dim
+        N, d = config.N, config.d
         if config.quantizer in ("pq", "shared", "rvq"):
-            self.quantizer = ProductQuantizer(in_dim, config.N, config.K, config.d, self.centroid_dim, config.beta,
-                                              mode=config.quantizer, norm=config.norm)
+            self.quantizer = ProductQuantizer(in_dim, N, config.K, d, self.centroid_dim, config.beta,
+                                              mode=config.quantizer, norm=config.norm,
+                                              codebook_form=config.codebook_form)
         elif config.quantizer == "fsq":
-            self.quantizer = FSQuantizer(in_dim, config.N, list(config.fsq_levels), config.d)
+            self.quantizer = FSQuantizer(in_dim, N, list(config.fsq_levels), d)
         elif config.quantizer == "none":
-            self.quantizer = ContinuousAdapter(in_dim, config.N, config.d, norm=config.norm)
+            self.quantizer = nn.Identity()  # the continuous baseline has nothing between merger and up-projector
         else:
             raise ValueError(f"tokenizer.quantizer {config.quantizer!r} is not pq, shared, rvq, fsq or none")
-        # one Linear after fusion: linear, so the LLM can fold it into an embedding table
-        self.up_projector = nn.Linear(config.d, config.out_dim)
+        # linear in the code vectors, so the LLM can fold it into an embedding table
+        if config.quantizer == "none":
+            self.up_projector = nn.Linear(in_dim, config.out_dim)
+        elif config.up_projection == "shared":
+            self.up_projector = nn.Linear(d, config.out_dim)
+        else:
+            # sum_j U_j z_j == [U_1 .. U_N] @ concat_j z_j: one bias-free Linear on the concatenated slots
+            self.up_projector = nn.Linear(N * d, config.out_dim, bias=False)
+            nn.init.uniform_(self.up_projector.weight, -d ** -0.5, d ** -0.5)  # each U_j as nn.Linear(d, out)
 
     @property
     def centroid_dim(self) -> int:
@@ -181,7 +207,7 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
     def load_init_weights(self) -> None:
         """Load the pretrained encoder (``encoder.path``) and the k-means centroids (``codebook``)."""
         self.encoder.load_weights()
-        if self.config.quantizer not in ("pq", "shared", "rvq"):
+        if self.config.quantizer not in ("pq", "shared", "rvq") or self.config.codebook_form == "table":
             return
         if self.config.codebook is None:
             log.warning("tokenizer.codebook is not set: the frozen centroids stay random Gaussian (SimVQ "
@@ -193,6 +219,8 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
         """Copy ``centroids [N, K, d_in]`` from a ``kelix build-codebook`` file into the frozen tables."""
         from safetensors import safe_open
 
+        if self.config.codebook_form != "simvq" or self.config.quantizer not in ("pq", "shared", "rvq"):
+            raise ValueError(f"tokenizer.codebook {path!r}: only the simvq codebook form of pq/shared/rvq has centroids")
         buf = self.quantizer.codebook.centroids
         try:
             with safe_open(path, framework="pt") as f:
@@ -227,9 +255,31 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{model_id!r} is not a tokenizer directory (no model.safetensors; "
                                     f"nothing is downloaded)")
-        model = cls(**{k: v for k, v in kwargs.items() if k == "config"})
-        load_model(model, path, strict=True, device=map_location)  # every tensor must match
+        config = kwargs["config"]
+        if isinstance(config, dict) and "up_projection" not in config:  # written before per-slot projections
+            config = dict(config, up_projection="shared")
+        model = cls(config)
+        missing, unexpected = load_model(model, path, strict=False, device=map_location)
+        # older exports carry SigLIP's pooling head, which the encoder no longer builds
+        unexpected = [k for k in unexpected if not k.startswith("encoder.model.head.")]
+        if missing or unexpected:
+            raise KeyError(f"{path}: tensors do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model.eval()
+
+    def for_inference(self) -> KelixTokenizer:
+        """A copy with the projected codebooks stored as one frozen table (``codebook_form: table``):
+        the same codes and embeddings, without the centroid table (what ``export-tokenizer`` writes)."""
+        cfg = self.portable_config()
+        if cfg.quantizer not in ("pq", "shared", "rvq") or cfg.codebook_form == "table":
+            out = KelixTokenizer(cfg)
+            out.load_state_dict(self.state_dict(), strict=True)
+            return out.eval()
+        out = KelixTokenizer(replace(cfg, codebook_form="table"))
+        sd = {k: v for k, v in self.state_dict().items() if not k.startswith("quantizer.codebook.")}
+        with torch.no_grad():
+            sd["quantizer.codebook.vectors"] = self.quantizer.codebook().detach().float()
+        out.load_state_dict(sd, strict=True)
+        return out.eval()
 
     # -- forward
     def preprocess(self, images: list) -> list[torch.Tensor]:
@@ -237,20 +287,40 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
         cfg = self.image_config
         return [to_tensor(resize_image(im.convert("RGB"), cfg, where=f"image {i}"), cfg) for i, im in enumerate(images)]
 
-    def fuse(self, z_q: torch.Tensor) -> torch.Tensor:
-        """N slot vectors ``[..., N, d]`` -> one ``[..., d]`` (sum or mean)."""
-        return z_q.sum(-2) if self.config.fusion == "sum" else z_q.mean(-2)
+    def up_project(self, z_q: torch.Tensor) -> torch.Tensor:
+        """N slot vectors ``[..., N, d]`` -> one token embedding ``[..., out_dim]`` (see ``up_projection``)."""
+        w = self.up_projector.weight
+        scale = 1.0 if self.config.fusion == "sum" else 1.0 / self.config.N
+        if self.config.up_projection == "shared":
+            fused = z_q.sum(-2) * scale
+            return self.up_projector(fused.to(w.dtype))
+        return self.up_projector(z_q.flatten(-2).to(w.dtype)) * scale
+
+    def slot_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W [out_dim, N*d], b [out_dim])`` with ``embed_codes(c) = s * W @ concat_j v_{j,c_j} + b``
+        (``s`` = 1 for sum fusion, 1/N for mean): slot j's matrix is ``W[:, j*d:(j+1)*d]``."""
+        if not self.has_codes:
+            raise RuntimeError("the continuous baseline (quantizer: none) has no code vectors to project")
+        lin, N = self.up_projector, self.config.N
+        if self.config.up_projection == "shared":  # the same matrix for every slot, the bias once
+            return lin.weight.repeat(1, N), lin.bias
+        return lin.weight, lin.weight.new_zeros(lin.out_features)
 
     def quantize(self, pixels: list[torch.Tensor]) -> tuple[QuantOutput, list[tuple[int, int]]]:
         """Images -> the quantizer's output for all their merged tokens, and the token grids."""
+        if not self.has_codes:
+            raise RuntimeError("the continuous baseline (quantizer: none) has no quantizer")
         feats, grids = self.merger(self.encoder(pixels))
         return self.quantizer(feats), grids
 
     def forward(self, pixels: list[torch.Tensor]) -> TokenizerOutput:
         """Normalised images ``[3, H, W]`` (sides multiples of patch*merge) -> :class:`TokenizerOutput`."""
+        if not self.has_codes:  # continuous baseline: merger -> up-projector
+            feats, grids = self.merger(self.encoder(pixels))
+            embeds = self.up_projector(feats)
+            return TokenizerOutput(embeds, None, grids, embeds.new_zeros((), dtype=torch.float32), {})
         q, grids = self.quantize(pixels)
-        embeds = self.up_projector(self.fuse(q.z_q))
-        return TokenizerOutput(embeds, q.codes, grids, q.loss, q.terms)
+        return TokenizerOutput(self.up_project(q.z_q), q.codes, grids, q.loss, q.terms)
 
     # -- the interface of the LLM and DiT
     @torch.no_grad()
@@ -268,11 +338,15 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
         return out
 
     def code_vectors(self) -> torch.Tensor:
-        """``[N, K, d]``: the quantized vector ``z_q`` each code stands for."""
+        """``[N, K, d]``: the quantized vector ``z_q`` each code stands for (cached in eval mode)."""
+        if not self.has_codes:
+            raise RuntimeError("the continuous baseline (quantizer: none) has no codes")
         return self.quantizer.code_vectors()
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``[..., N]`` -> visual embeddings ``[..., out_dim]``, as fed to the aux LM."""
+        if not self.has_codes:
+            raise RuntimeError("the continuous baseline (quantizer: none) has no codes to embed")
         if codes.shape[-1] != self.config.N:
             raise ValueError(f"codes must end in N={self.config.N} slots, got shape {tuple(codes.shape)}")
-        return self.up_projector(self.fuse(self.quantizer.lookup(codes.long())))
+        return self.up_project(self.quantizer.lookup(codes.long()))

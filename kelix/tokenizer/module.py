@@ -252,8 +252,8 @@ class TokenizerModule(KelixModule):
             self.export(self.export_dir)
 
     def export(self, out_dir: str) -> str:
-        """Write the tokenizer (no aux LM) to ``out_dir``. Under FSDP2 every rank must call it
-        (the weights are gathered); rank 0 writes."""
+        """Write the tokenizer (no aux LM, projected codebooks: ``codebook_form: table``) to ``out_dir``.
+        Under FSDP2 every rank must call it (the weights are gathered); rank 0 writes."""
         if self.device_mesh is not None:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -261,8 +261,8 @@ class TokenizerModule(KelixModule):
             if self.global_rank == 0:
                 tok = KelixTokenizer(self.tokenizer.portable_config())
                 tok.load_state_dict(sd, strict=True)
-                tok.save_pretrained(out_dir)
+                tok.for_inference().save_pretrained(out_dir)
         elif self._trainer is None or self.global_rank == 0:
-            self.tokenizer.save_pretrained(out_dir)
+            self.tokenizer.for_inference().save_pretrained(out_dir)
         log.info("exported the tokenizer to %s", out_dir)
         return out_dir

@@ -9,7 +9,13 @@ All map packed features ``[T, in_dim]`` to N slot vectors ``[T, N, d]`` (fused d
 * ``shared``: the same, but one codebook (one ``C``, one ``W``) serves all N slots.
 * ``rvq``: residual quantization: slot i quantizes what slots ``< i`` left of one d-dim vector.
 * ``fsq``: finite scalar quantization per slot (``prod(fsq_levels) == K``), projected back to d.
-* ``none``: the continuous baseline (no codes).
+
+(``none``, the continuous baseline, has no quantizer: the merger's output goes straight to the
+up-projector, see :class:`~kelix.tokenizer.model.KelixTokenizer`.)
+
+Quantizers run in float32 (autocast is off inside them) and declare ``fsdp_param_dtype =
+"float32"``: under FSDP2 they are their own unit, gathered in float32 even when the rest of the
+model is gathered in bf16, so training-time codes are the float32 codes of the exported model.
 """
 
 from __future__ import annotations
@@ -97,6 +103,57 @@ class _SlotNorm(nn.Module):
         return _layer_norm(x, self.weight.float().view(shape), self.bias.float().view(shape))
 
 
+class _CachedCodeVectors(nn.Module):
+    """``code_vectors()`` computed once in eval mode and reused until a weight changes.
+
+    The key holds each source tensor's identity, storage and in-place version counter, so an
+    optimizer step, ``load_state_dict`` or ``.to()`` recomputes it; train mode, gradients that
+    need the graph, and FSDP-managed modules never use the cache.
+    """
+
+    _cache: tuple | None = None
+
+    def _code_vector_sources(self) -> list[torch.Tensor]:
+        return list(self.parameters()) + list(self.buffers())
+
+    def _compute_code_vectors(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def code_vectors(self) -> torch.Tensor:
+        """``[N, K, d]``: the vector each code stands for (what the quantizer outputs for it)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        src = self._code_vector_sources()
+        if self.training or isinstance(self, FSDPModule) or any(t.is_inference() for t in src) or (
+                torch.is_grad_enabled() and any(t.requires_grad for t in src)):
+            self._cache = None
+            return self._compute_code_vectors()
+        key = tuple((id(t), t.data_ptr(), t._version) for t in src)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._compute_code_vectors())
+        return self._cache[1]
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+
+class CodeTable(nn.Module):
+    """Frozen projected codebooks ``[num_books, K, d]``: the exported (inference) form of :class:`SimVQ`.
+
+    ``LN(C_i W_i + b_i)`` computed once in float32 and stored as a buffer: all that search and
+    lookup need, ``d / d_in`` of the centroid table's size (33 MB instead of 302 MB at N=8,
+    K=8192, d=128, d_in=1152). It cannot be trained further.
+    """
+
+    def __init__(self, num_books: int, K: int, d: int):
+        super().__init__()
+        self.register_buffer("vectors", torch.zeros(num_books, K, d))
+
+    def forward(self) -> torch.Tensor:
+        return self.vectors.float()
+
+
 class SimVQ(nn.Module):
     """Frozen centroids, learned per-sub-codebook projection: the codebooks ``LN(C_i W_i + b_i)``.
 
@@ -124,7 +181,7 @@ class SimVQ(nn.Module):
         return self.norm(cb, slot_dim=0)
 
 
-class ProductQuantizer(nn.Module):
+class ProductQuantizer(_CachedCodeVectors):
     """Product (``pq``), shared-codebook (``shared``) or residual (``rvq``) quantization, SimVQ codebooks.
 
     Args:
@@ -137,20 +194,32 @@ class ProductQuantizer(nn.Module):
         mode: ``pq``, ``shared`` or ``rvq``.
         norm: ``layernorm``, ``fixed`` or ``none`` on sub-vectors and codebooks (``rvq``: on the
             input vector only).
+        codebook_form: ``simvq`` (frozen centroids and learned projections, for training) or
+            ``table`` (the projected codebooks as one frozen table, see :class:`CodeTable`).
     """
 
+    fsdp_param_dtype = "float32"  # its own FSDP2 unit, gathered in float32 (kelix.training.parallel)
+
     def __init__(self, in_dim: int, N: int, K: int, d: int, centroid_dim: int, beta: float = 0.25,
-                 mode: str = "pq", norm: str = "layernorm"):
+                 mode: str = "pq", norm: str = "layernorm", codebook_form: str = "simvq"):
         super().__init__()
         if mode not in ("pq", "shared", "rvq"):
             raise ValueError(f"ProductQuantizer mode {mode!r} is not pq, shared or rvq")
         self.N, self.K, self.d, self.beta, self.mode = N, K, d, beta, mode
         self.proj_in = nn.Linear(in_dim, d if mode == "rvq" else N * d)
-        self.codebook = SimVQ(1 if mode == "shared" else N, K, centroid_dim, d, norm="none" if mode == "rvq" else norm)
+        books = 1 if mode == "shared" else N
+        if codebook_form == "simvq":
+            self.codebook = SimVQ(books, K, centroid_dim, d, norm="none" if mode == "rvq" else norm)
+        elif codebook_form == "table":
+            self.codebook = CodeTable(books, K, d)
+        else:
+            raise ValueError(f"codebook_form {codebook_form!r} is not simvq or table")
         self.z_norm = _SlotNorm(norm, 1 if mode == "rvq" else N, d)
 
-    def code_vectors(self) -> torch.Tensor:
-        """``[N, K, d]``: the vector each code stands for (what the quantizer outputs for it)."""
+    def _code_vector_sources(self) -> list[torch.Tensor]:
+        return list(self.codebook.parameters()) + list(self.codebook.buffers())
+
+    def _compute_code_vectors(self) -> torch.Tensor:
         return self.codebook().expand(self.N, -1, -1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
@@ -186,6 +255,8 @@ class ProductQuantizer(nn.Module):
         """
         import faiss
 
+        if not isinstance(self.codebook, SimVQ):
+            raise ValueError("fit_codebook needs the simvq codebook form (this quantizer holds a fixed table)")
         if self.mode == "rvq":
             raise ValueError("fit_codebook supports pq and shared quantizers, not rvq")
         z = self.continuous(x).float()
@@ -225,7 +296,7 @@ class ProductQuantizer(nn.Module):
                            {"codebook": cb_loss.detach(), "commitment": commit.detach()})
 
 
-class FSQuantizer(nn.Module):
+class FSQuantizer(_CachedCodeVectors):
     """Finite scalar quantization (Mentzer et al. 2023) per slot; ``prod(levels)`` codes per slot.
 
     Args:
@@ -234,6 +305,8 @@ class FSQuantizer(nn.Module):
         levels: quantization levels per FSQ dimension, e.g. ``[16, 16, 16, 16]`` (K = 65536).
         d: width of the slot vectors (each slot's FSQ point is projected back to d).
     """
+
+    fsdp_param_dtype = "float32"
 
     def __init__(self, in_dim: int, N: int, levels: list[int], d: int):
         super().__init__()
@@ -261,7 +334,10 @@ class FSQuantizer(nn.Module):
     def _project(self, pts: torch.Tensor) -> torch.Tensor:
         return torch.einsum("...nl,nld->...nd", pts, self.proj_out.float()) + self.proj_out_bias.float()
 
-    def code_vectors(self) -> torch.Tensor:
+    def _code_vector_sources(self) -> list[torch.Tensor]:
+        return [self.proj_out, self.proj_out_bias]
+
+    def _compute_code_vectors(self) -> torch.Tensor:
         codes = torch.arange(self.K, device=self.proj_out.device)
         pts = self._points(codes).unsqueeze(0).expand(self.N, -1, -1)  # [N, K, L]
         return torch.einsum("nkl,nld->nkd", pts, self.proj_out.float()) + self.proj_out_bias.float()[:, None]
@@ -278,30 +354,3 @@ class FSQuantizer(nn.Module):
             pts = (q.detach() + (z - z.detach())) / half.float()  # round with a straight-through gradient
             z_q = self._project(pts)
         return QuantOutput(z_q, codes, z.new_zeros(()), {})
-
-
-class ContinuousAdapter(nn.Module):
-    """The continuous baseline: the same projection and LayerNorm as ``pq``, no quantization.
-
-    Args:
-        in_dim: width of the merged patch features.
-        N: slots per token (fused like the quantized ones).
-        d: slot width.
-        norm: ``layernorm``, ``fixed`` or ``none`` on the slot vectors.
-    """
-
-    def __init__(self, in_dim: int, N: int, d: int, norm: str = "layernorm"):
-        super().__init__()
-        self.N, self.d = N, d
-        self.proj_in = nn.Linear(in_dim, N * d)
-        self.z_norm = _SlotNorm(norm, N, d)
-
-    def code_vectors(self) -> torch.Tensor:
-        raise RuntimeError("the continuous baseline (quantizer: none) has no codes")
-
-    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("the continuous baseline (quantizer: none) has no codes")
-
-    def forward(self, x: torch.Tensor) -> QuantOutput:
-        z = self.z_norm(self.proj_in(x).view(x.shape[0], self.N, self.d))
-        return QuantOutput(z, None, z.new_zeros(()).float(), {})

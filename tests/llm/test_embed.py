@@ -33,3 +33,40 @@ def test_tokenizer_part_is_frozen(image_tokenizer):
     trainable = {n for n, p in vp.named_parameters() if p.requires_grad}
     assert trainable == {"up_projector.weight", "up_projector.bias"}
     assert "code_vectors" in dict(vp.named_buffers())
+
+
+@pytest.mark.parametrize("fusion", ["sum", "mean"])
+@pytest.mark.parametrize("up_projection", ["per_slot", "shared"])
+def test_rows_table_and_block_agree_for_both_up_projections(up_projection, fusion):
+    from kelix.tokenizer.model import KelixTokenizer, tiny_config
+
+    torch.manual_seed(3)
+    tok = KelixTokenizer(tiny_config(up_projection=up_projection, fusion=fusion)).eval()
+    vp = VisualProjector.from_tokenizer(tok, hidden=48)
+    codes = torch.randint(0, 32, (6, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = vp.up_projector(tok.embed_codes(codes))  # the tokenizer path, then stage 1's projector
+        torch.testing.assert_close(vp.block(codes), want, rtol=1e-5, atol=1e-5)
+        j = torch.arange(4).expand_as(codes)
+        torch.testing.assert_close(vp.rows(j, codes).sum(-2), want, rtol=1e-5, atol=1e-5)
+        table = vp.table()
+        torch.testing.assert_close(table[j * 32 + codes].sum(-2), want, rtol=1e-5, atol=1e-5)
+        # each row is that slot's projected code vector (plus its share of the bias)
+        w, b = tok.slot_projection()
+        s = 1.0 if fusion == "sum" else 0.25
+        row = vp.up_projector.weight @ (s * w[:, 16 * 2:16 * 3] @ tok.code_vectors()[2, 7]) + vp._bias()
+        torch.testing.assert_close(table[2 * 32 + 7], row, rtol=1e-5, atol=1e-5)
+
+
+def test_stage1_state_from_before_per_slot_projections_loads(image_tokenizer):
+    """A saved stage-1 projector with one shared W1 [out, d] loads as W1 repeated per slot: same rows."""
+    from kelix.tokenizer.model import KelixTokenizer, tiny_config
+
+    torch.manual_seed(2)
+    tok = KelixTokenizer(tiny_config(up_projection="shared")).eval()
+    vp = VisualProjector.from_tokenizer(tok, hidden=48)
+    old = {k: v.clone() for k, v in vp.state_dict().items()}
+    old["tok_up.weight"] = tok.up_projector.weight.detach().clone()  # [64, 16]: the old layout
+    fresh = VisualProjector(4, 32, 16, 64, 48)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.table(), vp.table(), rtol=0, atol=0)

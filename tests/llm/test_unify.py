@@ -47,3 +47,15 @@ def test_verb_writes_a_table_model(make_lm, tmp_path, capsys):
     v = out.vocab
     table = out.backbone.get_input_embeddings().weight[v.visual_offset:v.size]
     torch.testing.assert_close(table, lm.visual.table(), rtol=0, atol=0)
+
+
+def test_unified_visual_embeddings_span_more_than_d_dims(make_lm):
+    """With per-slot up-projections the folded table's block embeddings are not squeezed into d dims."""
+    lm = make_lm(seed=6, visual_input="projector").eval()
+    unify_embeddings(lm)
+    codes = torch.randint(0, 32, (300, 4), generator=torch.Generator().manual_seed(0))
+    tokens = torch.full((1, 300), -1)
+    with torch.no_grad():
+        blocks = lm.embed_blocks(tokens, codes[None])[0]
+    sv = torch.linalg.svdvals(blocks.float())
+    assert int((sv > 1e-4 * sv[0]).sum()) > 16 + 1  # d = 16 (+1: the bias)

@@ -53,21 +53,59 @@ def test_embed_codes_equals_forward_embeddings(tiny_tokenizer, pil_images):
     # code_vectors is what each slot's quantized vector equals
     q, _ = tiny_tokenizer.quantize(pixels)
     assert torch.equal(q.z_q, cv[torch.arange(4), q.codes])
-    # sum fusion by hand
+    # per-slot up-projection and sum fusion by hand: sum_j U_j v_j, U_j slot j's column block, no bias
     codes = torch.tensor([[1, 2, 3, 4], [0, 0, 0, 31]])
-    manual = tiny_tokenizer.up_projector(sum(cv[j, codes[:, j]] for j in range(4)))
+    w = tiny_tokenizer.up_projector.weight
+    assert tiny_tokenizer.up_projector.bias is None and w.shape == (64, 4 * 16)
+    manual = sum(cv[j, codes[:, j]] @ w[:, 16 * j:16 * (j + 1)].T for j in range(4))
     torch.testing.assert_close(tiny_tokenizer.embed_codes(codes), manual)
 
 
-def test_mean_fusion_and_up_projector_is_linear():
+@pytest.mark.parametrize("up_projection", ["per_slot", "shared"])
+def test_mean_fusion_and_up_projections_by_hand(up_projection):
     torch.manual_seed(0)
-    tok = KelixTokenizer(tiny_config(fusion="mean")).eval()
-    assert isinstance(tok.up_projector, torch.nn.Linear)
-    assert tok.up_projector.in_features == 16 and tok.up_projector.out_features == 64
-    cv = tok.code_vectors()
+    tok = KelixTokenizer(tiny_config(fusion="mean", up_projection=up_projection)).eval()
+    cv, lin = tok.code_vectors(), tok.up_projector
     codes = torch.tensor([[3, 1, 4, 1]])
-    manual = tok.up_projector(torch.stack([cv[j, codes[0, j]] for j in range(4)]).mean(0))
+    v = torch.stack([cv[j, codes[0, j]] for j in range(4)])  # [N, d]
+    if up_projection == "shared":  # one Linear(d, out_dim) after fusion (the ablation)
+        assert lin.in_features == 16 and lin.out_features == 64
+        manual = lin(v.mean(0))
+    else:  # mean_j U_j v_j
+        manual = sum(lin.weight[:, 16 * j:16 * (j + 1)] @ v[j] for j in range(4)) / 4
     torch.testing.assert_close(tok.embed_codes(codes)[0], manual)
+    # slot_projection is the same map as one Linear of the concatenated slots: s * W concat(v) + b
+    w, b = tok.slot_projection()
+    torch.testing.assert_close(w @ v.flatten() / 4 + b, manual)
+
+
+def test_per_slot_embeddings_span_more_than_d_dimensions():
+    """Per-slot projections let visual embeddings use up to N*d dims; the shared ablation stays in d (+1, the bias)."""
+    codes = torch.randint(0, 32, (400, 4), generator=torch.Generator().manual_seed(0))
+    rank = {}
+    for mode in ("per_slot", "shared"):
+        torch.manual_seed(0)
+        tok = KelixTokenizer(tiny_config(up_projection=mode)).eval()
+        with torch.no_grad():
+            sv = torch.linalg.svdvals(tok.embed_codes(codes))
+        rank[mode] = int((sv > 1e-4 * sv[0]).sum())  # float32 rounding leaves tiny singular values
+    assert rank["shared"] <= 16 + 1
+    # LayerNorm leaves each slot's code vectors d-1 free dims: N*(d-1) = 60 of out_dim 64, far above d
+    assert rank["per_slot"] >= 4 * (16 - 1)
+
+
+def test_exports_from_before_per_slot_projections_still_load(tmp_path, pil_images):
+    torch.manual_seed(0)
+    old = KelixTokenizer(tiny_config(up_projection="shared")).eval()
+    old.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["up_projection"], cfg["codebook_form"]  # the config.json such an export has
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = KelixTokenizer.from_pretrained(str(tmp_path))
+    assert loaded.config.up_projection == "shared"
+    codes = old.encode(pil_images[:2])
+    assert all(torch.equal(a, b) for a, b in zip(codes, loaded.encode(pil_images[:2])))
+    torch.testing.assert_close(loaded.embed_codes(codes[0]), old.embed_codes(codes[0]), rtol=0, atol=0)
 
 
 def test_config_errors_name_the_field():
@@ -77,3 +115,37 @@ def test_config_errors_name_the_field():
         TokenizerConfig(fusion="max")
     with pytest.raises(ValueError, match="patch size"):
         KelixTokenizer(tiny_config(image=dict(patch_size=16, merge_size=2, min_pixels=64 * 64)))
+
+
+def test_continuous_baseline_feeds_the_merger_output_to_the_up_projector():
+    """quantizer: none (Table 6a): no slots, no d-dim bottleneck: embeds = up_projector(merger(encoder(x)))."""
+    torch.manual_seed(0)
+    tok = KelixTokenizer(tiny_config(quantizer="none"))
+    assert tok.up_projector.in_features == 64 and not list(tok.quantizer.parameters())  # merger_dim
+    pixels = [torch.randn(3, 56, 84), torch.randn(3, 112, 56)]
+    out = tok(pixels)
+    feats, grids = tok.merger(tok.encoder(pixels))
+    assert out.codes is None and grids == out.grids and float(out.loss) == 0
+    torch.testing.assert_close(out.embeds, feats @ tok.up_projector.weight.T + tok.up_projector.bias, rtol=0, atol=1e-6)
+    sv = torch.linalg.svdvals(tok.up_projector.weight.detach())
+    assert int((sv > 1e-4 * sv[0]).sum()) == 64  # full-width map: more than the d=16 of the quantized paths
+
+
+@pytest.mark.parametrize("quantizer", ["pq", "shared", "rvq"])
+def test_inference_copy_stores_the_projected_codebook_not_the_centroids(quantizer, tmp_path, pil_images):
+    torch.manual_seed(0)
+    tok = KelixTokenizer(tiny_config(quantizer=quantizer, centroid_dim=96)).eval()
+    small = tok.for_inference()
+    assert small.config.codebook_form == "table"
+    sd = small.state_dict()
+    assert "quantizer.codebook.vectors" in sd and not any("centroids" in k for k in sd)
+    small.save_pretrained(tmp_path)
+    loaded = KelixTokenizer.from_pretrained(str(tmp_path))
+    assert torch.equal(loaded.code_vectors(), tok.code_vectors())
+    codes = tok.encode(pil_images)
+    assert all(torch.equal(a, b) for a, b in zip(codes, loaded.encode(pil_images)))
+    torch.testing.assert_close(loaded.embed_codes(codes[1]), tok.embed_codes(codes[1]), rtol=0, atol=0)
+    size = sum(v.numel() for k, v in sd.items() if k.startswith("quantizer.codebook."))
+    assert size < sum(v.numel() for k, v in tok.state_dict().items() if k.startswith("quantizer.codebook.")) / 4
+    with pytest.raises(ValueError, match="simvq"):
+        loaded.quantizer.fit_codebook(torch.randn(64, 64))

@@ -145,3 +145,51 @@ def test_fit_codebook_projects_the_frozen_centroids_onto_kmeans_centres():
         expected = torch.nn.functional.layer_norm(torch.from_numpy(km.centroids), (8,))
         torch.testing.assert_close(q.code_vectors()[i].detach(), expected, atol=1e-4, rtol=1e-4)
     assert (torch.bincount(q(x).codes[:, 0], minlength=10) > 0).all()  # every code in use
+
+
+@pytest.mark.parametrize("beta", [0.25, 0.0])
+def test_eq3_gradient_routing_by_hand(beta, monkeypatch):
+    """L_VQ = ||sg(z) - e||^2 + beta ||z - sg(e)||^2: the codebook term moves only the SimVQ projection
+    (W, b), the commitment term only z, scaled by beta. Gradients against a hand computation."""
+    torch.manual_seed(0)
+    q = ProductQuantizer(in_dim=24, N=3, K=40, d=8, centroid_dim=12, beta=beta, norm="none")  # e = C_i W_i + b_i
+    z = torch.randn(50, 3, 8, requires_grad=True)  # the encoder output, a leaf so its gradient is visible
+    monkeypatch.setattr(q, "continuous", lambda x: z)
+    out = q(torch.zeros(50, 24))
+    out.loss.backward()
+    c, codes = q.codebook, out.codes
+    e = (torch.einsum("nkc,ncd->nkd", c.centroids, c.weight) + c.bias[:, None])[torch.arange(3), codes].detach()
+    numel = z.numel()
+    # commitment only, times beta, on z
+    torch.testing.assert_close(z.grad, beta * 2 * (z.detach() - e) / numel, rtol=1e-6, atol=1e-9)
+    # codebook term only, on W_i and b_i: dL/de = 2 (e - z) / numel, scattered to the chosen rows of C_i W_i + b_i
+    g = torch.zeros(3, 40, 8)
+    for n in range(3):
+        g[n].index_add_(0, codes[:, n], 2 * (e[:, n] - z.detach()[:, n]) / numel)
+    torch.testing.assert_close(c.weight.grad, torch.einsum("nkc,nkd->ncd", c.centroids, g), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(c.bias.grad, g.sum(1), rtol=1e-5, atol=1e-8)
+    assert q.proj_in.weight.grad is None  # z is the leaf here: nothing else sees L_VQ
+
+
+def test_code_vectors_are_cached_in_eval_and_recomputed_when_weights_change():
+    torch.manual_seed(0)
+    q = ProductQuantizer(in_dim=24, N=3, K=40, d=8, centroid_dim=12).eval()
+    calls = []
+    real = q.codebook.forward
+    q.codebook.forward = lambda: calls.append(1) or real()
+    with torch.no_grad():
+        a = q.code_vectors()
+        q(torch.randn(10, 24))
+        q.lookup(torch.zeros(2, 3, dtype=torch.long))
+        assert len(calls) == 1 and q.code_vectors() is a  # once for every eval call
+        q.codebook.weight.add_(0.5)  # an optimizer step, load_state_dict: in-place on the weights
+        b = q.code_vectors()
+    assert len(calls) == 2 and not torch.equal(a, b)
+    torch.testing.assert_close(b, real().expand(3, -1, -1))
+    q.train()
+    q.code_vectors()
+    q.code_vectors()
+    assert len(calls) == 4  # never cached in train mode
+    q.eval()
+    out = q.code_vectors()  # grad enabled and trainable weights: the graph is kept, nothing cached
+    assert out.requires_grad and len(calls) == 5

@@ -76,6 +76,7 @@ def test_quickstart_trains_exports_and_pretokenizes(tmp_path, monkeypatch):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not any(k.startswith("aux_lm") for k in sa)
+    assert "quantizer.codebook.vectors" in sa and not any("centroids" in k for k in sa)  # the projected codebook
 
     # pre-tokenized shards carry codes equal to encode() of the same pixels
     assert tokenize_main(["--tokenizer", "exported", "--shards", "data/synthetic/caption-00000.tar",
