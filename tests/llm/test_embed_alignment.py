@@ -16,8 +16,8 @@ import torch
 
 from kelix.data.images import ImageConfig
 from kelix.data.stream import ShardStream
+from kelix.llm.config import LLMConfig
 from kelix.llm.data import LLMProcessor
-from kelix.llm.model import LLMConfig
 from kelix.llm.module import UnifiedLLMModule
 from tests.conftest import write_shard
 
