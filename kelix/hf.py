@@ -6,7 +6,9 @@ which are loaded from local directories (Qwen3-0.6B for the tokenizer's aux LM, 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 from typing import Any
 
@@ -66,3 +68,19 @@ def load_causal_lm(path: str | None = None, config: dict | None = None, dtype: s
     hf_cfg._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch_dtype or torch.float32)
     return model
+
+
+@functools.cache
+def _cache_name(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for ``model.forward``: transformers renamed ``past_key_values`` to ``cache``
+    (the old name warns on every call, then goes away); older releases only know the old one."""
+    return {_cache_name(type(model)): cache}
+
+
+def output_cache(model, out):
+    """The KV cache of ``model``'s output ``out`` (the field follows the same rename)."""
+    return getattr(out, _cache_name(type(model)), None)

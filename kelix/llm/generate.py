@@ -2,9 +2,10 @@
 
 The backbone runs with a KV cache (one position per block); each new block is drawn by the block
 decoder with its own KV cache, slot by slot, every slot sampled among its legal ids only (slot 0 of
-a text block: text ids; slot j of a visual block: sub-codebook j). Rows of a batch are left padded,
-so prompts of different lengths run together; a finished row keeps running on padding and never
-truncates another.
+a text block: text ids, the block-layout specials and the backbone's unused padding rows excluded;
+slot j of a visual block: sub-codebook j). Rows of a batch are left padded, so prompts of different
+lengths run together; a finished row keeps running on padding and never truncates another. Text
+stops at ``<|im_end|>``, the tokenizer's eos or ``<|endoftext|>`` (:func:`default_stop_ids`).
 
 Image generation follows the visual processor's layout exactly: ``<|vision_start|>``, per row the
 marker text (forced, never sampled) and ``w`` sampled visual blocks, then ``<|vision_end|>``. The
@@ -20,6 +21,7 @@ import torch
 
 from kelix.data.schema import Image, Part, Sample, Turn
 from kelix.llm.layout import VISUAL, BlockDoc
+from kelix.llm.vocab import DOC_END
 
 
 @dataclass
@@ -69,10 +71,8 @@ class BackboneRunner:
         self.lm, self.use_cache = lm, use_cache
         self.cache = None
 
-    def _run(self, embeds, mask, pos, past):
-        out = self.lm.body(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past,
-                           use_cache=past is not None, output_hidden_states=[-1])
-        return out.hidden_states[-1]  # pre-norm (KelixLM unties it from the normed output)
+    def _run(self, embeds, mask, pos, cache):
+        return self.lm.hidden(embeds, pos, attention_mask=mask, cache=cache)[0]  # pre-norm h
 
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``embeds [B, L, D]``, ``mask [B, L]`` (left padded) -> hidden states ``[B, L, D]``."""
@@ -100,15 +100,16 @@ class BlockDrawer:
 
     def __init__(self, lm, sampling: Sampling, generator, decoder_cache: bool = True):
         self.lm, self.s, self.g, self.decoder_cache = lm, sampling, generator, decoder_cache
+        self.text_banned = text_banned_ids(lm)
 
-    def _outputs(self):
+    def _outputs(self, kind: str):
         """A function giving the decoder's output for the next position, fed one input at a time."""
         lm = self.lm
         if self.decoder_cache:
             cache, slot = lm.new_decoder_cache(), [0]
 
             def feed(x):
-                out = lm.decoder_step(x, slot[0], cache)
+                out = lm.decoder_step(x, slot[0], cache, kind=kind)
                 slot[0] += 1
                 return out
             return feed
@@ -116,7 +117,7 @@ class BlockDrawer:
 
         def feed(x):
             seq.append(x[:, None])
-            return lm.decoder(torch.cat(seq, 1))[:, -1]
+            return lm.decoder(torch.cat(seq, 1), kind=kind)[:, -1]
         return feed
 
     def _mix(self, logits: torch.Tensor) -> torch.Tensor:
@@ -126,16 +127,15 @@ class BlockDrawer:
         return uncond + self.s.cfg_scale * (cond - uncond)
 
     def text(self, h: torch.Tensor) -> torch.Tensor:
-        """A text block: its token id ``[B]`` (slot 0 over text ids; ``<|eob|>`` never)."""
-        lm = self.lm
-        logits = lm.slot_logits(self._outputs()(h), 0, "text")
-        return sample_ids(logits, self.s, self.g) + lm.vocab.slot_ranges("text")[0][0]
+        """A text block: its token id ``[B]`` (slot 0 over text ids; :func:`text_banned_ids` never)."""
+        logits = text_logits(self.lm, self._outputs("text")(h), self.text_banned)
+        return sample_ids(logits, self.s, self.g)
 
     def visual(self, h: torch.Tensor) -> torch.Tensor:
         """A visual block: its codes ``[B, N]`` (slot j over sub-codebook j only). With CFG, ``h`` holds
         the conditional rows then the unconditional ones; both decode the same sampled codes."""
         lm, N = self.lm, self.lm.vocab.N
-        feed = self._outputs()
+        feed = self._outputs("visual")
         reps = 2 if self.s.cfg_scale != 1.0 else 1
         out = feed(h)
         codes = []
@@ -146,6 +146,29 @@ class BlockDrawer:
                 prev = c.repeat(reps)
                 out = feed(lm.code_embed(torch.full_like(prev, j), prev).to(h.dtype))
         return torch.stack(codes, -1)
+
+
+def text_banned_ids(lm) -> torch.Tensor:
+    """Text ids a text answer never holds: the block-layout specials (``<|eob|>``, image start and
+    end, row-marker brackets) and the backbone's padding rows past the tokenizer's last id."""
+    v = lm.vocab
+    ids = list(v.layout_specials()) + list(range(len(lm.text_tokenizer), v.visual_offset))
+    return torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+
+def text_logits(lm, out: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """Logits ``[P, visual_offset]`` of a text block's token (column = text id) from decoder outputs,
+    ``banned`` ids at -inf."""
+    logits = lm.slot_logits(out, 0, "text")
+    logits[:, banned.to(logits.device)] = float("-inf")
+    return logits
+
+
+def default_stop_ids(lm) -> tuple[int, ...]:
+    """``<|im_end|>``, the text tokenizer's eos and ``<|endoftext|>`` (those it has)."""
+    tok = lm.text_tokenizer
+    ids = [lm.vocab.im_end, tok.eos_token_id, tok.get_vocab().get(DOC_END)]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
 def _left_pad(lm, docs: list[BlockDoc]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,9 +211,8 @@ def understanding_doc(lm, question: str, codes: list[torch.Tensor]) -> BlockDoc:
 
 def prompt_doc(lm, prompt: str) -> BlockDoc:
     """The text-to-image prompt: ``user: prompt`` then the assistant header (the image follows)."""
-    lay, doc = lm.layout, BlockDoc()
-    doc.add_text(lay.chat_header("user") + lay.text(prompt) + [lay.ids["im_end"]] + lay.text("\n"), False)
-    doc.add_text(lay.chat_header("assistant"), False)
+    doc = BlockDoc()
+    doc.add_text(lm.layout.t2i_prompt(prompt), False)  # as training lays t2i samples out; "" is CFG's
     return doc
 
 
@@ -198,9 +220,13 @@ def prompt_doc(lm, prompt: str) -> BlockDoc:
 def generate_text(lm, docs: list[BlockDoc], max_new_blocks: int = 64, sampling: Sampling | None = None,
                   use_cache: bool = True, decoder_cache: bool = True, stop_ids: tuple[int, ...] | None = None,
                   progress: bool = False) -> list[list[int]]:
-    """Continue each prompt document with text blocks until ``<|im_end|>`` (or ``max_new_blocks``).
+    """Continue each prompt document with text blocks until a stop id (or ``max_new_blocks``).
 
-    Returns the new token ids of each row, the stop token excluded. ``progress`` shows a bar of blocks.
+    Args:
+        stop_ids: ids that end a row's answer (default :func:`default_stop_ids`; ``()``: none).
+        progress: show a progress bar of blocks.
+    Returns:
+        the new token ids of each row, the stop token excluded.
     """
     from tqdm.auto import tqdm
 
@@ -208,7 +234,7 @@ def generate_text(lm, docs: list[BlockDoc], max_new_blocks: int = 64, sampling: 
     if s.cfg_scale != 1.0:
         raise ValueError("cfg_scale applies to image generation only")
     lm.eval()
-    stops = set(stop_ids or (lm.vocab.im_end,))
+    stops = set(default_stop_ids(lm) if stop_ids is None else stop_ids)
     run, draw = BackboneRunner(lm, use_cache), BlockDrawer(lm, s, _generator(lm, s), decoder_cache)
     embeds, mask = _left_pad(lm, docs)
     h = run.prefill(embeds, mask)[:, -1]

@@ -7,8 +7,8 @@
   *before* the final norm (as the official code, and what the DiT reads).
 * Block decoder (Eq. 6): ``[h_i, e(t_0), ...]`` -> one vector per slot, then the backbone's final
   norm and only the LM-head rows legal for that slot (:meth:`KelixLM.slot_logits`): slot 0 scores
-  text ids and sub-codebook 0 (``visual_offset + K`` rows), slot j > 0 sub-codebook j (K rows),
-  ``<eob>`` is implied by the block kind.
+  text ids and sub-codebook 0 (``visual_offset + K`` rows; the visual ones offset by the learned
+  ``visual_bias``), slot j > 0 sub-codebook j (K rows), ``<eob>`` is implied by the block kind.
 
 Saved as a directory: ``config.json`` (:class:`LLMConfig`), ``model.safetensors`` (everything but the
 backbone), ``backbone/`` (transformers ``save_pretrained``: loadable without the kit) and the
@@ -19,115 +19,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Literal
+from dataclasses import asdict, fields, replace
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from kelix.llm.config import BlockPrediction, LLMConfig
 from kelix.llm.decoder import BlockDecoder, ParallelHeads
 from kelix.llm.embed import VisualProjector
 from kelix.llm.layout import Layout
 from kelix.llm.vocab import Vocab, extend_text_tokenizer
 
+__all__ = ["BlockPrediction", "KelixLM", "LLMConfig"]
 log = logging.getLogger("kelix.llm")
 FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
-
-
-@dataclass
-class LLMConfig:
-    """The unified LLM.
-
-    Args:
-        backbone: local directory of a transformers causal LM (e.g. ``/models/Qwen3-8B``).
-        backbone_config: config dict of a randomly initialised backbone (e.g. ``kelix.hf.TINY_QWEN3``)
-            when ``backbone`` is not set.
-        text_tokenizer: local tokenizer directory or ``builtin:bytes`` (default: ``backbone``).
-        image_tokenizer: exported Kelix-Tok directory: gives N and K, and in ``projector`` mode the
-            frozen code vectors and up-projector.
-        N: sub-codebooks (default: the image tokenizer's).
-        K: entries per sub-codebook (default: the image tokenizer's).
-        visual_input: ``projector`` (stage 1: frozen tokenizer embeddings through a trainable linear
-            up-projector) or ``table`` (visual rows of the embedding table: stage 2 on after
-            ``kelix unify-embeddings``; built fresh it is Table 7 exp2, a random visual table).
-        predictor: ``block_decoder`` (Eq. 6) or ``parallel`` (Table 7 exp3: a linear head per slot).
-        decoder_width: block decoder width (official 512).
-        decoder_layers: block decoder layers (official 1).
-        decoder_heads: block decoder attention heads (official 4).
-        decoder_ffn: block decoder SwiGLU intermediate size.
-        dtype: backbone weight dtype when loading (``float32`` for training with bf16-mixed).
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (default: flash when
-            installed on a GPU, else sdpa).
-        row_marker: text of each image row's marker (see :class:`~kelix.llm.layout.Layout`).
-        loss_chunk: target positions whose vocabulary-wide logits exist at once in the loss (the
-            rest are recomputed in backward); bounds the ``[P, visual_offset + K]`` memory.
-        visual_offset: first visual id; set when the vocabulary is extended (do not set by hand).
-        vq_dim: tokenizer code-vector width d (``projector`` mode; set from the image tokenizer).
-        vq_out_dim: tokenizer up-projector width (``projector`` mode; set from the image tokenizer).
-        fusion: tokenizer fusion, ``sum`` or ``mean`` (set from the image tokenizer).
-    """
-
-    backbone: str | None = None
-    backbone_config: dict | None = None
-    text_tokenizer: str | None = None
-    image_tokenizer: str | None = None
-    N: int | None = None
-    K: int | None = None
-    visual_input: Literal["projector", "table"] = "table"
-    predictor: Literal["block_decoder", "parallel"] = "block_decoder"
-    decoder_width: int = 512
-    decoder_layers: int = 1
-    decoder_heads: int = 4
-    decoder_ffn: int = 1536
-    dtype: str | None = None
-    attn_implementation: str | None = None
-    row_marker: str = "{row},{cols}"
-    loss_chunk: int = 2048
-    visual_offset: int | None = None
-    vq_dim: int | None = None
-    vq_out_dim: int | None = None
-    fusion: str = "sum"
-
-    def __post_init__(self):
-        if self.visual_input not in ("projector", "table"):
-            raise ValueError(f"lm.visual_input {self.visual_input!r} is not projector or table")
-        if self.predictor not in ("block_decoder", "parallel"):
-            raise ValueError(f"lm.predictor {self.predictor!r} is not block_decoder or parallel")
-
-
-@dataclass
-class BlockPrediction:
-    """Teacher-forced next-block predictions for the target blocks of a batch (P targets, Pv visual).
-
-    Args:
-        nll0: ``[P]`` negative log-likelihood of slot 0 (a text id or a code of sub-codebook 0).
-        hit0: ``[P]`` the slot-0 argmax is right.
-        argmax0: ``[P]`` the slot-0 argmax id.
-        labels0: ``[P]`` slot-0 ids.
-        is_visual: ``[P]`` the target block is visual.
-        nll_codes: ``[Pv, N-1]`` NLL of slots 1..N-1 of visual targets.
-        hit_codes: ``[Pv, N-1]`` their argmax is right.
-        code_labels: ``[Pv, N-1]`` their codes (0..K-1).
-        where: ``(row, position)`` of each target's predicting hidden state.
-        hidden: ``[B, L, D]`` pre-norm hidden states (``return_hidden``).
-        logits0: ``[P, visual_offset + K]`` slot-0 logits (``return_logits``; never kept in training).
-        code_logits: ``[Pv, N-1, K]`` logits of slots 1..N-1 (``return_logits``).
-    """
-
-    nll0: torch.Tensor
-    hit0: torch.Tensor
-    argmax0: torch.Tensor
-    labels0: torch.Tensor
-    is_visual: torch.Tensor
-    nll_codes: torch.Tensor
-    hit_codes: torch.Tensor
-    code_labels: torch.Tensor
-    where: tuple[torch.Tensor, torch.Tensor]
-    hidden: torch.Tensor | None = None
-    logits0: torch.Tensor | None = None
-    code_logits: torch.Tensor | None = None
 
 
 def _final_norm(backbone) -> nn.Module:
@@ -136,16 +44,6 @@ def _final_norm(backbone) -> nn.Module:
         if isinstance(getattr(body, name, None), nn.Module):
             return getattr(body, name)
     raise ValueError(f"{type(backbone).__name__}: no final norm found (looked for {', '.join(FINAL_NORMS)})")
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[..., 0]
 
 
 class KelixLM(nn.Module, PyTorchModelHubMixin):
@@ -170,7 +68,8 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         if cfg.N is None or cfg.K is None:
             raise ValueError("lm: N and K are unknown: set lm.image_tokenizer (an exported tokenizer) or lm.N and lm.K")
         self.backbone = load_causal_lm(cfg.backbone, cfg.backbone_config, cfg.dtype, cfg.attn_implementation)
-        self.backbone.config.tie_last_hidden_states = False  # hidden_states[-1] is then the pre-norm h
+        # slot 0's log-prior of a visual block against a text one (a constant within any other slot)
+        self.visual_bias = nn.Parameter(torch.zeros(1))
         if cfg.visual_offset is None:
             self._extend_vocab()
         rows = self.backbone.get_input_embeddings().num_embeddings
@@ -212,8 +111,15 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
 
     @torch.no_grad()
     def _extend_vocab(self):
-        """Append S visual rows to the embedding table and LM head (new rows drawn per dimension
-        from the old rows' mean and std: a cheap form of transformers' ``mean_resizing``)."""
+        """Append S visual rows to the embedding table and LM head.
+
+        Input rows are drawn per dimension from the text rows' mean and std (a fresh ``table`` is
+        Table 7 exp2's random visual input). LM-head rows start at the text rows' mean (plus 1% of
+        their spread, to break ties): by Jensen each visual logit is then at most the log-mean-exp of
+        the text logits, and with ``visual_bias`` at ``log(m * V / K)`` the K ids slot 0 adds get at most
+        about ``m = visual_init_mass`` of a text position's probability (Hewitt 2021, "Initializing
+        new word embeddings"; random rows would be as loud as text rows and take a large share).
+        """
         bb, cfg = self.backbone, self.config
         emb, head = bb.get_input_embeddings(), bb.get_output_embeddings()
         rows = emb.num_embeddings
@@ -223,9 +129,14 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         cfg.visual_offset = max(rows, len(self.text_tokenizer))
         old = [m.weight[:rows].detach().float().clone() for m in (emb, head)]
         bb.resize_token_embeddings(cfg.visual_offset + cfg.N * cfg.K, mean_resizing=False)
-        for m, w in zip((bb.get_input_embeddings(), bb.get_output_embeddings()), old):
-            new = w.mean(0) + w.std(0) * torch.randn(m.weight.shape[0] - rows, w.shape[1])
+        for m, w, spread in zip((bb.get_input_embeddings(), bb.get_output_embeddings()), old, (1.0, 0.01)):
+            new = w.mean(0) + spread * w.std(0) * torch.randn(m.weight.shape[0] - rows, w.shape[1])
             m.weight[rows:] = new.to(m.weight.dtype)
+        if getattr(bb.get_output_embeddings(), "bias", None) is not None:
+            head_bias = bb.get_output_embeddings().bias
+            head_bias[rows:] = head_bias[:rows].float().mean().to(head_bias.dtype)
+        text_rows = cfg.visual_offset - 1  # <eob> never competes in slot 0
+        self.visual_bias.fill_(math.log(cfg.visual_init_mass * text_rows / cfg.K))
         log.info("vocabulary extended: %d text rows + %d visual ids (N=%d, K=%d)", cfg.visual_offset,
                  cfg.N * cfg.K, cfg.N, cfg.K)
 
@@ -281,23 +192,35 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         return x
 
     # -- backbone (Eq. 5)
-    def hidden(self, embeds: torch.Tensor, position_ids: torch.Tensor | None = None, past_key_values=None,
-               use_cache: bool = False):
+    def hidden(self, embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None, cache=None):
         """Backbone on ``inputs_embeds`` -> ``(h [B, L, D] before the final norm, cache)``.
 
-        Packed rows: position ids restart at 0 for each document; with ``use_cache=False`` and no
+        ``cache``: a transformers ``DynamicCache`` to read and extend (generation), else none is
+        built. Packed rows: position ids restart at 0 for each document; without a cache or an
         attention mask transformers then isolates the documents (block-diagonal mask for SDPA; for
         flash attention the rows are flattened into one, the only packed layout it recognises).
         """
+        from kelix.hf import cache_kwargs, output_cache
+
         B, L, D = embeds.shape
         flat = (self.backbone.config._attn_implementation.startswith("flash") and B > 1 and position_ids is not None
-                and past_key_values is None)
+                and cache is None and attention_mask is None)
         if flat:
             embeds, position_ids = embeds.reshape(1, B * L, D), position_ids.reshape(1, B * L)
-        out = self.body(inputs_embeds=embeds, position_ids=position_ids, past_key_values=past_key_values,
-                        use_cache=use_cache, output_hidden_states=[-1])
-        h = out.hidden_states[-1]
-        return (h.reshape(B, L, D) if flat else h), out.past_key_values
+        # h is the final norm's input: read there, since whether hidden_states[-1] is taken before or
+        # after the norm differs between transformers releases
+        seen = []
+        hook = self.final_norm.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        try:
+            out = self.body(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                            use_cache=cache is not None, **cache_kwargs(self.body, cache))
+        finally:
+            hook.remove()
+        if not seen:
+            raise RuntimeError(f"{type(self.body).__name__} never called its final norm: h cannot be read")
+        h = seen[-1]
+        return (h.reshape(B, L, D) if flat else h), output_cache(self.body, out)
 
     # -- block decoder heads (Eq. 6)
     def slot_logits(self, out: torch.Tensor, slot: int, kind: str | None = None) -> torch.Tensor:
@@ -312,6 +235,9 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         bias = head.bias[lo:hi] if getattr(head, "bias", None) is not None else None
         logits = nn.functional.linear(self.final_norm(out), head.weight[lo:hi], bias)
         if slot == 0:
+            vis = max(self.vocab.visual_offset, lo) - lo
+            if vis < hi - lo:
+                logits[..., vis:] = logits[..., vis:] + self.visual_bias.to(logits.dtype)
             for banned in self.vocab.slot0_banned():
                 if lo <= banned < hi:
                     logits[..., banned - lo] = float("-inf")
@@ -319,8 +245,8 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
 
     def slot_nll(self, out: torch.Tensor, slot: int, target: torch.Tensor, chunk: int | None = None):
         """NLL ``[P]``, hit ``[P]`` and argmax ``[P]`` (a column of ``slot_logits``) of ``target`` (also a
-        column index). Logits exist one chunk of rows at a time, recomputed in backward: a vocabulary-
-        wide ``[P, V]`` tensor is never kept."""
+        column index). Logits exist one chunk of rows at a time (recomputed in backward when training;
+        validation under ``no_grad`` is chunked alike): a vocabulary-wide ``[P, V]`` tensor never is."""
         chunk = chunk or self.config.loss_chunk
 
         def f(o, t):
@@ -328,12 +254,16 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
             best = logits.argmax(-1)
             return nn.functional.cross_entropy(logits, t, reduction="none"), best == t, best
 
-        if out.shape[0] <= chunk or not torch.is_grad_enabled():
+        if out.shape[0] <= chunk:
             return f(out, target)
-        from torch.utils.checkpoint import checkpoint
+        if torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
 
-        parts = [checkpoint(f, out[s:s + chunk], target[s:s + chunk], use_reentrant=False)
-                 for s in range(0, out.shape[0], chunk)]
+            def run(o, t):
+                return checkpoint(f, o, t, use_reentrant=False)
+        else:
+            run = f
+        parts = [run(out[s:s + chunk], target[s:s + chunk]) for s in range(0, out.shape[0], chunk)]
         return tuple(torch.cat(x) for x in zip(*parts))
 
     def forward(self, tokens: torch.Tensor, codes: torch.Tensor, position_ids: torch.Tensor | None,
@@ -348,7 +278,7 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         labels0 = torch.where(is_vis, vo + nxt_codes[:, 0].clamp(min=0), nxt)
         out0 = hs.new_zeros(hs.shape)
         if bool((~is_vis).any()):
-            out0[~is_vis] = self.decoder(hs[~is_vis][:, None])[:, 0].to(out0.dtype)
+            out0[~is_vis] = self.decoder(hs[~is_vis][:, None], kind="text")[:, 0].to(out0.dtype)
         vis_codes = nxt_codes[is_vis]
         vout = hs.new_zeros(0, N, hs.shape[-1])
         if bool(is_vis.any()):
@@ -356,7 +286,7 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
             if N > 1:  # teacher forcing: e(c_0..c_{N-2}) after h
                 j = torch.arange(N - 1, device=hs.device).expand(x.shape[0], -1)
                 x = torch.cat([x, self.code_embed(j, vis_codes[:, : N - 1]).to(x.dtype)], 1)
-            vout = self.decoder(x)
+            vout = self.decoder(x, kind="visual")
             out0[is_vis] = vout[:, 0].to(out0.dtype)
         nll0, hit0, arg0 = self.slot_nll(out0, 0, labels0)
         per_slot = [self.slot_nll(vout[:, j], j, vis_codes[:, j]) for j in range(1, N)]
@@ -376,30 +306,10 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
     def new_decoder_cache(self):
         return self.decoder.new_cache()
 
-    def decoder_step(self, x: torch.Tensor, slot: int, cache) -> torch.Tensor:
-        """One block-decoder position: ``x [P, D]`` (h_i at slot 0, else e(previous token)) -> ``[P, D]``."""
-        return self.decoder.step(x, slot, cache)
-
-    @torch.no_grad()
-    def sample_block(self, h: torch.Tensor, temperature: float = 1.0, top_k: int = 0, kind: str = "any",
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample block i+1 from ``h [P, D]``: ids ``[P, N]`` (text blocks: ``[t, -1, ...]``) and
-        ``is_visual [P]``. Each slot is sampled among its legal ids only; ``<eob>`` is implied."""
-        N, K, vo = self.vocab.N, self.vocab.K, self.vocab.visual_offset
-        cache = self.new_decoder_cache()
-        lo = self.vocab.slot_ranges(kind)[0][0]
-        first = _sample(self.slot_logits(self.decoder_step(h, 0, cache), 0, kind), temperature, top_k, generator) + lo
-        is_vis = first >= vo
-        ids = torch.full((h.shape[0], N), -1, dtype=torch.long, device=h.device)
-        ids[:, 0] = first
-        prev = (first - vo).clamp(0, K - 1)  # text rows carry a dummy code: their continuation is dropped
-        if N > 1 and bool(is_vis.any()):
-            for j in range(1, N):
-                e = self.code_embed(torch.full_like(prev, j - 1), prev).to(h.dtype)
-                c = _sample(self.slot_logits(self.decoder_step(e, j, cache), j), temperature, top_k, generator)
-                ids[:, j] = torch.where(is_vis, vo + j * K + c, -1)
-                prev = c
-        return ids, is_vis
+    def decoder_step(self, x: torch.Tensor, slot: int, cache, kind: str = "visual") -> torch.Tensor:
+        """One block-decoder position of a ``kind`` block: ``x [P, D]`` (h_i at slot 0, else
+        e(previous token)) -> ``[P, D]``."""
+        return self.decoder.step(x, slot, cache, kind=kind)
 
     # -- save / load
     def portable_config(self) -> dict:

@@ -44,7 +44,7 @@ class UnifiedLLMModule(KelixModule):
         image_tokenizer: exported Kelix-Tok directory that encodes the batch's pixel images on the
             device (default: ``lm.image_tokenizer``); not needed when shards hold codes.
         freeze_backbone: freeze the backbone's embeddings, layers and final norm (stage 1).
-        freeze_lm_head: freeze the LM head too.
+        freeze_lm_head: freeze the LM head (and its slot-0 ``visual_bias``) too.
         block_loss: ``sum`` (Eq. 6) or ``equal_block`` (every block the same total; official code).
         export_dir: write the trained model here (a Kelix LLM directory) when fit ends.
         export_dtype: dtype of exported floating tensors (e.g. ``bfloat16``; default: as trained).
@@ -111,6 +111,7 @@ class UnifiedLLMModule(KelixModule):
             self.lm.body.requires_grad_(False)
         if freeze_lm_head:
             self.lm.lm_head.requires_grad_(False)
+            self.lm.visual_bias.requires_grad_(False)  # the head's slot-0 visual offset
         n_train = sum(p.numel() for p in self.lm.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.lm.parameters())
         log.info("unified LLM: %.1fM of %.1fM parameters trainable", n_train / 1e6, n_all / 1e6)

@@ -149,6 +149,10 @@ class Vocab:
             return [self.slot_range(0)]
         raise ValueError(f"block kind {kind!r} is not 'text', 'visual' or 'any'")
 
+    def layout_specials(self) -> list[int]:
+        """The specials of the block layout itself (a text answer never holds them)."""
+        return [self.eob, self.vision_start, self.vision_end, self.mm_pos_start, self.mm_pos_end]
+
     def slot0_banned(self) -> list[int]:
         """Ids inside slot 0's range that can never start a block."""
         return [self.eob]

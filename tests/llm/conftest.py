@@ -40,15 +40,40 @@ def backbone_dir(plain_lm, tmp_path_factory):
     return str(out)
 
 
+@torch.no_grad()
+def stand_in_training(lm, seed: int = 0):
+    """Weights as after some training, so that every input of the predictor matters: a block decoder
+    that is not the identity (its zero-initialised output projection drawn at random), parallel heads
+    that are not identities, and LM-head visual rows as distinct as text rows (they start at the text
+    rows' mean). Returns ``lm``."""
+    from kelix.llm.decoder import ParallelHeads
+
+    g = torch.Generator().manual_seed(1000 + seed)
+    dec = lm.decoder
+    if isinstance(dec, ParallelHeads):
+        D = dec.text_head.shape[0]
+        for p in (dec.text_head, dec.code_heads):
+            p.add_(torch.randn(p.shape, generator=g) * 0.5 / D ** 0.5)
+    else:
+        for p in dec.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    head, vo = lm.lm_head.weight, lm.vocab.visual_offset
+    text = head[:vo].float()
+    head[vo:] = (text.mean(0) + text.std(0) * torch.randn(head.shape[0] - vo, head.shape[1], generator=g)).to(head.dtype)
+    return lm
+
+
 @pytest.fixture(scope="session")
 def make_lm(backbone_dir, tok_dir):
-    """Build a KelixLM on the saved tiny backbone (``projector`` mode reads the saved tokenizer)."""
+    """Build a KelixLM on the saved tiny backbone (``projector`` mode reads the saved tokenizer); with
+    ``untrained`` as built, else with :func:`stand_in_training` weights."""
     from kelix.llm.model import KelixLM, LLMConfig
 
-    def make(seed: int = 0, **overrides):
+    def make(seed: int = 0, untrained: bool = False, **overrides):
         torch.manual_seed(seed)
         cfg = dict(backbone=backbone_dir, text_tokenizer="builtin:bytes", image_tokenizer=tok_dir, **DECODER)
-        return KelixLM(LLMConfig(**{**cfg, **overrides}))
+        lm = KelixLM(LLMConfig(**{**cfg, **overrides}))
+        return lm if untrained else stand_in_training(lm, seed)
 
     return make
 
@@ -61,6 +86,12 @@ def lm_table(make_lm):
 @pytest.fixture(scope="session")
 def lm_projector(make_lm):
     return make_lm(visual_input="projector").eval()
+
+
+@pytest.fixture(scope="session")
+def lm_parallel(make_lm):
+    """Table 7 exp3's predictor (a text head and N code heads) on the table model."""
+    return make_lm(visual_input="table", predictor="parallel").eval()
 
 
 def random_doc_batch(lm, lengths, seed=0, visual_every=3):

@@ -33,21 +33,55 @@ def test_block_encoder_sums_the_block_tokens_without_eob(lm_table):
             emb[v.eob] = saved
 
 
-def test_text_only_sequence_matches_the_plain_transformers_model(lm_table, plain_lm):
+@pytest.fixture(scope="module")
+def lm_init(make_lm):
+    """The table model as built: block decoder the identity, visual LM-head rows fresh."""
+    return make_lm(untrained=True, visual_input="table").eval()
+
+
+def test_text_only_sequence_matches_the_plain_transformers_model(lm_init, plain_lm):
     tokens = torch.randint(0, 259, (2, 9), generator=torch.Generator().manual_seed(0))
     codes = torch.full((2, 9, 4), -1)
     with torch.no_grad():
-        h, _ = lm_table.hidden(lm_table.embed_blocks(tokens, codes), None)
+        h, _ = lm_init.hidden(lm_init.embed_blocks(tokens, codes), None)
         ref = plain_lm.model(input_ids=tokens, output_hidden_states=True)
-        torch.testing.assert_close(lm_table.final_norm(h), ref.last_hidden_state, rtol=0, atol=1e-6)
+        torch.testing.assert_close(lm_init.final_norm(h), ref.last_hidden_state, rtol=0, atol=1e-6)
         assert not torch.allclose(h, ref.last_hidden_state)  # h is taken before the final norm
+        # the last layer's output, read inside the plain model (not through hidden_states, whose last
+        # entry is before or after the norm depending on the transformers release)
+        seen = []
+        hook = plain_lm.model.norm.register_forward_pre_hook(lambda _, a: seen.append(a[0]))
+        try:
+            plain_lm.model(input_ids=tokens)
+        finally:
+            hook.remove()
+        torch.testing.assert_close(h, seen[0], rtol=0, atol=1e-6)
         # at initialisation the block decoder is the identity, so text logits are the plain LM's
-        pred = lm_table(tokens, codes, None, torch.ones_like(tokens, dtype=torch.bool), return_logits=True)
+        pred = lm_init(tokens, codes, None, torch.ones_like(tokens, dtype=torch.bool), return_logits=True)
         plain_logits = plain_lm(input_ids=tokens).logits[:, :-1].reshape(-1, 320)
         torch.testing.assert_close(pred.logits0[:, :320].isfinite(), torch.ones_like(plain_logits, dtype=torch.bool)
-                                   .index_fill_(1, torch.tensor([lm_table.vocab.eob]), False))
-        keep = torch.arange(320) != lm_table.vocab.eob
+                                   .index_fill_(1, torch.tensor([lm_init.vocab.eob]), False))
+        keep = torch.arange(320) != lm_init.vocab.eob
         torch.testing.assert_close(pred.logits0[:, :320][:, keep], plain_logits[:, keep], rtol=0, atol=1e-5)
+
+
+def test_new_visual_rows_take_no_probability_from_text_at_init(lm_init, plain_lm):
+    """Slot 0 of a text position scores text ids and sub-codebook 0 together: the fresh visual rows
+    must leave the pretrained LM's text distribution as it was."""
+    lm, v = lm_init, lm_init.vocab
+    tokens = torch.randint(0, 259, (3, 12), generator=torch.Generator().manual_seed(4))
+    codes = torch.full((3, 12, v.N), -1)
+    with torch.no_grad():
+        pred = lm(tokens, codes, None, torch.ones_like(tokens, dtype=torch.bool), return_logits=True)
+        p = pred.logits0.softmax(-1)
+        visual_mass = p[:, v.visual_offset:].sum(-1)
+        assert float(visual_mass.max()) < 1e-3
+        keep = torch.arange(320) != v.eob
+        plain = plain_lm(input_ids=tokens).logits[:, :-1].reshape(-1, 320)[:, keep].softmax(-1)
+        torch.testing.assert_close(p[:, :320][:, keep], plain, rtol=0, atol=1e-3 / 320)
+        # the code slots start near uniform over their sub-codebook (no random preference)
+        code_p = lm.slot_logits(torch.randn(5, 64), 2).softmax(-1)
+        assert float((code_p - 1 / v.K).abs().max()) < 0.2 / v.K
 
 
 def test_slot_logits_cover_only_the_legal_rows(lm_table):
@@ -61,29 +95,6 @@ def test_slot_logits_cover_only_the_legal_rows(lm_table):
         for j in range(1, v.N):
             lo, hi = v.slot_range(j)
             torch.testing.assert_close(lm.slot_logits(out, j), full[:, lo:hi])
-
-
-def test_sampling_never_leaves_the_legal_range(lm_table):
-    lm, v = lm_table, lm_table.vocab
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(400, 64) * 3
-    # push half of the rows towards images so both kinds are sampled
-    with torch.no_grad():
-        h[:200] += 5 * lm.lm_head.weight[v.visual_offset:v.visual_offset + v.K].mean(0)
-        ids, vis = lm.sample_block(h, temperature=1.5, generator=g)
-    assert vis.any() and (~vis).any()
-    assert ((ids[~vis, 0] >= 0) & (ids[~vis, 0] < v.visual_offset) & (ids[~vis, 0] != v.eob)).all()
-    assert (ids[~vis, 1:] == -1).all()
-    for j in range(v.N):
-        lo, hi = v.slot_range(j)
-        assert ((ids[vis, j] >= lo) & (ids[vis, j] < hi)).all()
-    # kind="text" forbids images; temperature 0 is greedy and deterministic
-    with torch.no_grad():
-        ids_t, vis_t = lm.sample_block(h, kind="text", generator=g)
-        assert not vis_t.any() and (ids_t[:, 0] < v.visual_offset).all()
-        a, _ = lm.sample_block(h, temperature=0)
-        b, _ = lm.sample_block(h, temperature=0)
-    assert torch.equal(a, b)
 
 
 def test_restricted_probabilities_put_no_mass_outside_the_legal_range(lm_table):
@@ -169,3 +180,34 @@ def test_chunked_loss_equals_the_whole_loss_and_its_gradients(make_lm):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
+
+
+def test_validation_is_chunked_like_training(make_lm, monkeypatch):
+    """Under no_grad (validation) no slot's logits cover more than loss_chunk targets at once, and the
+    loss is the unchunked one."""
+    from kelix.llm.config import LLMConfig
+    from kelix.llm.module import UnifiedLLMModule
+
+    lm = make_lm(seed=6, loss_chunk=3).eval()
+    b = collate_docs(random_doc_batch(lm, [9, 13, 6], seed=3), 4)
+    rows, real = [], lm.slot_logits
+    monkeypatch.setattr(lm, "slot_logits", lambda out, slot, kind=None: rows.append(out.shape[0]) or real(out, slot, kind))
+    with torch.no_grad():
+        chunked = lm(b["tokens"], b["codes"], b["position_ids"], b["targets"])
+    P = int(b["targets"][:, 1:].sum())
+    assert P > 9 and rows and max(rows) <= 3 and sum(rows) >= P
+    lm.config.loss_chunk = 10_000
+    with torch.no_grad():
+        whole = lm(b["tokens"], b["codes"], b["position_ids"], b["targets"])
+    for name in ("nll0", "hit0", "argmax0", "nll_codes", "hit_codes"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=0, atol=1e-6)
+    # the module's validation step goes through the same bound
+    module = UnifiedLLMModule(LLMConfig(backbone_config=None, backbone=lm.config.backbone, text_tokenizer="builtin:bytes",
+                                        N=4, K=32, loss_chunk=3, decoder_width=32, decoder_heads=2, decoder_ffn=64))
+    rows.clear()
+    real_m = module.lm.slot_logits
+    monkeypatch.setattr(module.lm, "slot_logits",
+                        lambda out, slot, kind=None: rows.append(out.shape[0]) or real_m(out, slot, kind))
+    with torch.no_grad():
+        out = module.step(b, "val")
+    assert max(rows) <= 3 and torch.isfinite(out["loss"])

@@ -1,0 +1,113 @@
+"""The unified LLM's config (:class:`LLMConfig`) and its teacher-forced output (:class:`BlockPrediction`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass
+class LLMConfig:
+    """The unified LLM.
+
+    Args:
+        backbone: local directory of a transformers causal LM (e.g. ``/models/Qwen3-8B``).
+        backbone_config: config dict of a randomly initialised backbone (e.g. ``kelix.hf.TINY_QWEN3``)
+            when ``backbone`` is not set.
+        text_tokenizer: local tokenizer directory or ``builtin:bytes`` (default: ``backbone``).
+        image_tokenizer: exported Kelix-Tok directory: gives N and K, and in ``projector`` mode the
+            frozen code vectors and up-projector.
+        N: sub-codebooks (default: the image tokenizer's).
+        K: entries per sub-codebook (default: the image tokenizer's).
+        visual_input: ``projector`` (stage 1: frozen tokenizer embeddings through a trainable linear
+            up-projector) or ``table`` (visual rows of the embedding table: stage 2 on after
+            ``kelix unify-embeddings``; built fresh it is Table 7 exp2, a random visual table).
+        predictor: ``block_decoder`` (Eq. 6) or ``parallel`` (Table 7 exp3: N+1 linear heads on h_i,
+            one for a text block's token and one per code of a visual block).
+        decoder_width: block decoder width (official 512).
+        decoder_layers: block decoder layers (official 1).
+        decoder_heads: block decoder attention heads (official 4).
+        decoder_ffn: block decoder SwiGLU intermediate size.
+        dtype: backbone weight dtype when loading (``float32`` for training with bf16-mixed).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (default: flash when
+            installed on a GPU, else sdpa).
+        row_marker: text of each image row's marker (see :class:`~kelix.llm.layout.Layout`).
+        loss_chunk: target positions whose vocabulary-wide logits exist at once in the loss, in
+            training (the rest are recomputed in backward) and in validation alike; bounds the
+            ``[P, visual_offset + K]`` memory.
+        visual_init_mass: when the vocabulary is extended, the new LM-head rows start at the mean of
+            the text rows and the slot-0 visual logit offset (``visual_bias``) at
+            ``log(visual_init_mass * text rows / K)``: a text position then gives all visual ids together
+            at most about this probability, so the pretrained LM's text predictions are unchanged.
+        visual_offset: first visual id; set when the vocabulary is extended (do not set by hand).
+        vq_dim: tokenizer code-vector width d (``projector`` mode; set from the image tokenizer).
+        vq_out_dim: tokenizer up-projector width (``projector`` mode; set from the image tokenizer).
+        fusion: tokenizer fusion, ``sum`` or ``mean`` (set from the image tokenizer).
+    """
+
+    backbone: str | None = None
+    backbone_config: dict | None = None
+    text_tokenizer: str | None = None
+    image_tokenizer: str | None = None
+    N: int | None = None
+    K: int | None = None
+    visual_input: Literal["projector", "table"] = "table"
+    predictor: Literal["block_decoder", "parallel"] = "block_decoder"
+    decoder_width: int = 512
+    decoder_layers: int = 1
+    decoder_heads: int = 4
+    decoder_ffn: int = 1536
+    dtype: str | None = None
+    attn_implementation: str | None = None
+    row_marker: str = "{row},{cols}"
+    loss_chunk: int = 2048
+    visual_init_mass: float = 1e-4
+    visual_offset: int | None = None
+    vq_dim: int | None = None
+    vq_out_dim: int | None = None
+    fusion: str = "sum"
+
+    def __post_init__(self):
+        if self.visual_input not in ("projector", "table"):
+            raise ValueError(f"lm.visual_input {self.visual_input!r} is not projector or table")
+        if self.predictor not in ("block_decoder", "parallel"):
+            raise ValueError(f"lm.predictor {self.predictor!r} is not block_decoder or parallel")
+        if not 0 < self.visual_init_mass < 1:
+            raise ValueError(f"lm.visual_init_mass {self.visual_init_mass} is not in (0, 1)")
+        if self.loss_chunk < 1:
+            raise ValueError(f"lm.loss_chunk {self.loss_chunk} must be at least 1")
+
+
+@dataclass
+class BlockPrediction:
+    """Teacher-forced next-block predictions for the target blocks of a batch (P targets, Pv visual).
+
+    Args:
+        nll0: ``[P]`` negative log-likelihood of slot 0 (a text id or a code of sub-codebook 0).
+        hit0: ``[P]`` the slot-0 argmax is right.
+        argmax0: ``[P]`` the slot-0 argmax id.
+        labels0: ``[P]`` slot-0 ids.
+        is_visual: ``[P]`` the target block is visual.
+        nll_codes: ``[Pv, N-1]`` NLL of slots 1..N-1 of visual targets.
+        hit_codes: ``[Pv, N-1]`` their argmax is right.
+        code_labels: ``[Pv, N-1]`` their codes (0..K-1).
+        where: ``(row, position)`` of each target's predicting hidden state.
+        hidden: ``[B, L, D]`` pre-norm hidden states (``return_hidden``).
+        logits0: ``[P, visual_offset + K]`` slot-0 logits (``return_logits``; never kept in training).
+        code_logits: ``[Pv, N-1, K]`` logits of slots 1..N-1 (``return_logits``).
+    """
+
+    nll0: torch.Tensor
+    hit0: torch.Tensor
+    argmax0: torch.Tensor
+    labels0: torch.Tensor
+    is_visual: torch.Tensor
+    nll_codes: torch.Tensor
+    hit_codes: torch.Tensor
+    code_labels: torch.Tensor
+    where: tuple[torch.Tensor, torch.Tensor]
+    hidden: torch.Tensor | None = None
+    logits0: torch.Tensor | None = None
+    code_logits: torch.Tensor | None = None
