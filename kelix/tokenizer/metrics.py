@@ -20,7 +20,9 @@ class CodebookUsage(Metric):
 
     ``compute()`` returns a dict of ``[N]`` tensors: ``usage`` (codes used at least once / K),
     ``perplexity`` (exp of the entropy of the code distribution, in ``1..K``) and ``dead``
-    (codes never used in the window).
+    (codes never used in the window), and ``counts [N, K]``. All come from the counts summed over
+    ranks; after ``compute()`` the ``counts`` state holds this rank's counts again (torchmetrics
+    restores the unsynced state), so read the summed histogram from the result.
     """
 
     full_state_update = False
@@ -50,4 +52,5 @@ class CodebookUsage(Metric):
             "usage": (used.double() / self.K).float(),
             "perplexity": entropy.exp().float(),
             "dead": (self.K - used).float(),
+            "counts": self.counts.clone(),
         }

@@ -9,7 +9,10 @@ trained with next-token loss on the text: ``L = L_NTP + L_VQ`` (Eq. 2). Stages (
   differs by its data and its decaying learning-rate schedule (set in the recipe).
 
 Codebook health (usage, perplexity, dead codes per sub-codebook) is logged to TensorBoard over a
-window of steps, summed across ranks.
+window of optimizer steps, summed across ranks.
+
+The aux LM runs in train mode (dropout and activation checkpointing act), and its LM head is applied
+only to the positions that have a label: no full-vocabulary logits over image and prompt positions.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import asdict
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kelix.tokenizer.data import VISION_END, VISION_START, aux_text_tokenizer
@@ -65,8 +69,10 @@ class TokenizerModule(KelixModule):
         init_from: weights of a previous stage (a ``.ckpt``, ``.safetensors`` or HF-style directory
             of this module's state: ``tokenizer.*`` and ``aux_lm.*``), loaded instead of the
             pretrained encoder, codebook and aux LM files. The optimizer starts afresh.
-        usage_window: steps over which codebook usage is counted before it is logged and reset.
-        histogram_every: log per-sub-codebook code histograms every this many steps (0: never).
+        usage_window: optimizer steps over which codebook usage is counted (every micro-batch of
+            them, on every rank) before it is logged and reset.
+        histogram_every: log per-sub-codebook code histograms (summed over ranks) every this many
+            optimizer steps (0: never).
         fit_codebook: at the first training batch, start the SimVQ projections W_i from k-means of
             that batch's features (see ``ProductQuantizer.fit_codebook``): every code starts where
             features are. For single-process runs (quickstart, random encoders); the paper's
@@ -113,7 +119,14 @@ class TokenizerModule(KelixModule):
         if fit_codebook and tokenizer.quantizer not in ("pq", "shared"):
             raise ValueError(f"fit_codebook needs quantizer pq or shared, not {tokenizer.quantizer!r}")
         self.tokenizer = KelixTokenizer(tokenizer)
-        self.aux_lm = load_causal_lm(path=aux_lm, config=aux_lm_config, dtype=aux_lm_dtype)
+        # from_pretrained returns an eval-mode model; Lightning keeps each submodule's mode, so without
+        # this the aux LM would train without dropout and without HF activation checkpointing
+        self.aux_lm = load_causal_lm(path=aux_lm, config=aux_lm_config, dtype=aux_lm_dtype).train()
+        if self.aux_lm.base_model is self.aux_lm or self.aux_lm.get_output_embeddings() is None:
+            raise ValueError(f"aux_lm {aux_lm!r}: expected a causal LM with a base model and an LM head")
+        for key in ("final_logit_softcapping", "logit_scale"):  # the head is applied here as lm_head alone
+            if getattr(self.aux_lm.config, key, None) is not None:
+                raise ValueError(f"aux_lm {aux_lm!r}: {key} is set; the aux LM loss supports plain LM heads only")
         hidden = self.aux_lm.get_input_embeddings().embedding_dim
         if hidden != tokenizer.out_dim:
             raise ValueError(f"model.init_args.tokenizer.out_dim is {tokenizer.out_dim}, but the aux LM's hidden size "
@@ -125,11 +138,15 @@ class TokenizerModule(KelixModule):
             self._load_previous_stage(init_from)
         else:
             self.tokenizer.load_init_weights()
-        self.trainable = trainable if trainable is not None else STAGE_TRAINABLE.get(stage)
+        self.trainable = trainable
+        if trainable is None and STAGE_TRAINABLE.get(stage) is not None:  # e.g. quantizer: none has no quantizer
+            names = [n for n, _ in self.named_parameters()]
+            self.trainable = [t for t in STAGE_TRAINABLE[stage] if any(n.startswith(t) for n in names)]
         self._freeze()
         N, K = tokenizer.N, tokenizer.K
         self.usage = CodebookUsage(N, K) if self.tokenizer.has_codes else None
         self.val_usage = CodebookUsage(N, K) if self.tokenizer.has_codes else None
+        self._step_at_batch_start = 0
 
     def _load_previous_stage(self, path: str):
         """Load ``tokenizer.*`` and ``aux_lm.*`` from a previous stage; tied weights may be stored once."""
@@ -166,6 +183,16 @@ class TokenizerModule(KelixModule):
     def parallel_blocks(self) -> list[nn.Module]:
         return _layers(self.tokenizer.encoder.model) + _layers(self.aux_lm)
 
+    def parallel_roots(self) -> list[nn.Module]:
+        # the quantizer first: its own FSDP2 unit, gathered in float32 (its fsdp_param_dtype)
+        q = self.tokenizer.quantizer
+        return ([q] if any(True for _ in q.parameters()) else []) + super().parallel_roots()
+
+    def no_weight_decay(self) -> set[str]:
+        """The SimVQ projections are the codebook (like an embedding table): weight decay would pull
+        every code vector towards the shared bias, so they train without it."""
+        return {n for n, _ in self.named_parameters() if n.startswith("tokenizer.quantizer.codebook.")}
+
     # -- the step
     def step(self, batch, split: str) -> dict[str, torch.Tensor]:
         out = self.tokenizer(batch["pixels"])
@@ -175,18 +202,44 @@ class TokenizerModule(KelixModule):
                              f"{out.embeds.shape[0]} tokens: processor image config differs from the tokenizer's")
         embeds = self.aux_lm.get_input_embeddings()(batch["input_ids"])
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), out.embeds.to(embeds.dtype))
-        lm = self.aux_lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
-        ntp = lm.loss.float()
+        ntp = self._ntp(embeds, batch["attention_mask"], batch["labels"])
         terms = {"loss": ntp + self.vq_weight * out.loss, "ntp": ntp, "vq": out.loss.detach()}
         terms.update({f"vq_{k}": v for k, v in out.terms.items()})
         if out.codes is not None:
             (self.usage if split == "train" else self.val_usage).update(out.codes.detach())
         return terms
 
+    def _ntp(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token loss of the aux LM, its head applied only where a label is (mean over labels)."""
+        hidden = {}
+
+        def keep(module, args, output):
+            hidden["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        # the LM's own forward (FSDP2's hooks of the aux-LM unit run), with no logits at all
+        handle = self.aux_lm.base_model.register_forward_hook(keep)
+        try:
+            self.aux_lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                        logits_to_keep=torch.zeros(0, dtype=torch.long, device=embeds.device))
+        finally:
+            handle.remove()
+        target = labels[:, 1:]
+        where = target != -100
+        logits = self.aux_lm.get_output_embeddings()(hidden["h"][:, :-1][where]).float()
+        return F.cross_entropy(logits, target[where], reduction="sum") / where.sum().clamp(min=1)
+
     # -- codebook health
     def _log_usage(self, metric: CodebookUsage, prefix: str, histogram: bool):
-        stats = metric.compute()  # sums counts over ranks
-        logs = {}
+        """Every rank calls this at the same point: ``compute`` is a collective (counts summed over ranks)."""
+        if metric.update_count == 0:  # this rank saw no codes: join the sync with zero counts, no warning
+            metric.update(torch.zeros(0, metric.N, dtype=torch.long, device=metric.counts.device))
+        stats = metric.compute()
+        counts = stats.pop("counts")  # summed over ranks (metric.counts is this rank's again after compute)
+        metric.reset()
+        tokens = int(counts[0].sum())
+        if tokens == 0:  # no rank saw a code: nothing to log
+            return stats
+        logs = {f"{prefix}/tokens": float(tokens)}
         for name, values in stats.items():
             for j, v in enumerate(values.tolist()):
                 logs[f"{prefix}/{name}_{j}"] = v
@@ -195,15 +248,14 @@ class TokenizerModule(KelixModule):
         if self.global_rank == 0:  # already summed over ranks; logged once, at this step only
             for logger in self.loggers:
                 logger.log_metrics(logs, step=self.global_step)
-        if histogram:
-            self._histograms(metric.counts, prefix)
-        metric.reset()
+            if histogram:
+                self._histograms(counts, prefix)
         return stats
 
     def _histograms(self, counts: torch.Tensor, prefix: str):
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        if not isinstance(self.logger, TensorBoardLogger) or self.global_rank != 0:
+        if not isinstance(self.logger, TensorBoardLogger):
             return
         counts = counts.detach().double().cpu()
         K = counts.shape[1]
@@ -219,6 +271,7 @@ class TokenizerModule(KelixModule):
                 bucket_limits=(idx + 0.5).tolist(), bucket_counts=c.tolist(), global_step=self.global_step)
 
     def on_train_batch_start(self, batch, batch_idx):
+        self._step_at_batch_start = self.global_step
         if not self.fit_codebook or self.global_step != 0 or batch_idx != 0:
             return
         if self.trainer.world_size > 1:
@@ -232,13 +285,15 @@ class TokenizerModule(KelixModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.usage is None:
             return
-        step = self.global_step  # already advanced past this batch's optimizer step
+        step = self.global_step  # advanced past this batch's optimizer step, if it made one
+        if step == self._step_at_batch_start:  # inside a gradient-accumulation window
+            return
         if step % self.usage_window == 0:
             hist = self.histogram_every > 0 and step % self.histogram_every < self.usage_window
             self._log_usage(self.usage, "codebook", hist)
 
     def on_validation_epoch_end(self):
-        if self.val_usage is not None and self.val_usage.counts.sum() > 0:
+        if self.val_usage is not None:  # on every rank, even one that saw no validation codes
             self._log_usage(self.val_usage, "val_codebook", histogram=self.histogram_every > 0)
 
     # -- checkpoints carry the tokenizer's config, so export needs nothing else

@@ -17,7 +17,8 @@ class OptimConfig:
         lr: peak learning rate of parameters no ``group_lr`` prefix matches.
         group_lr: parameter-name prefix -> peak learning rate (first match wins), e.g.
             ``{"encoder.": 1e-5, "quantizer.": 1e-4}`` for the tokenizer's separate rates.
-        weight_decay: decoupled weight decay; never applied to biases, norms and 1-D parameters.
+        weight_decay: decoupled weight decay; never applied to biases, norms, 1-D parameters and the
+            names a module's ``no_weight_decay()`` returns (the tokenizer's SimVQ codebook projections).
         betas: AdamW betas.
         eps: AdamW epsilon.
         warmup_steps: linear warmup from 0 to the peak.
@@ -50,12 +51,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     monitor logs ``lr/<name>``.
     """
     groups: dict[tuple[str, bool], dict] = {}
+    no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()  # names a module exempts
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         prefix = next((k for k in cfg.group_lr if name.startswith(k)), None)
         lr = cfg.group_lr[prefix] if prefix is not None else cfg.lr
-        decay = p.ndim >= 2 and "norm" not in name.lower() and "embed" not in name.lower()
+        decay = p.ndim >= 2 and "norm" not in name.lower() and "embed" not in name.lower() and name not in no_decay
         label = (prefix.rstrip(".") if prefix else "default") + ("" if decay else "_no_decay")
         g = groups.setdefault((label, decay), {"params": [], "lr": lr, "initial_lr": lr, "name": label,
                                                "weight_decay": cfg.weight_decay if decay else 0.0, "names": []})

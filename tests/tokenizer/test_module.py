@@ -73,3 +73,55 @@ def test_init_from_loads_a_previous_stage(tmp_path):
     b = TokenizerModule(tiny_config(), aux_lm_config=TINY_QWEN3, init_from=str(path), stage=2)
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_saved_aux_lm_trains_in_train_mode_with_dropout_and_checkpointing(tmp_path, batch):
+    """from_pretrained returns an eval-mode model: the module must switch it to train mode."""
+    from kelix.hf import load_causal_lm
+
+    torch.manual_seed(0)
+    load_causal_lm(config=dict(TINY_QWEN3, attention_dropout=0.5)).save_pretrained(tmp_path / "aux")
+    torch.manual_seed(0)
+    m = TokenizerModule(tiny_config(), aux_lm=str(tmp_path / "aux"), activation_checkpointing=True)
+    assert all(mod.training for mod in m.aux_lm.modules())
+    a, b = m.step(batch, "train")["ntp"], m.step(batch, "train")["ntp"]
+    assert a != b  # dropout acts
+    m.configure_model()  # the kit's activation checkpointing of parallel_blocks (HF layers: their own switch)
+    calls = []
+    m.aux_lm.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute stops early
+    m.step(batch, "train")["loss"].backward()
+    assert len(calls) == 2  # forward, then recomputed in backward: checkpointing acts
+    m.eval()
+    assert m.step(batch, "val")["ntp"] == m.step(batch, "val")["ntp"]
+
+
+def test_aux_lm_head_runs_on_labelled_positions_only_and_gives_the_full_logits_loss(batch):
+    m = _module()
+    rows = []
+    m.aux_lm.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[:-1].numel()))
+    ntp = m.step(batch, "train")["ntp"]
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert sum(rows) == labelled < batch["labels"].numel() - 20  # not every position: only those with a label
+    # the reference: Hugging Face's own loss over full-vocabulary logits at every position
+    with torch.no_grad():
+        out = m.tokenizer(batch["pixels"])
+        emb = m.aux_lm.get_input_embeddings()(batch["input_ids"])
+        emb = emb.masked_scatter(batch["image_mask"].unsqueeze(-1), out.embeds)
+        ref = m.aux_lm(inputs_embeds=emb, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(ntp.detach(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_simvq_projections_train_without_weight_decay():
+    from kelix.training.optim import OptimConfig, param_groups
+
+    m = _module()
+    groups = {n: g["weight_decay"] for g in param_groups(m, OptimConfig(weight_decay=0.1)) for n in g["names"]}
+    assert groups["tokenizer.quantizer.codebook.weight"] == 0 and groups["tokenizer.quantizer.codebook.bias"] == 0
+    assert groups["tokenizer.up_projector.weight"] == 0.1 and groups["tokenizer.quantizer.proj_in.weight"] == 0.1
+
+
+def test_stage1_of_the_continuous_baseline_trains_merger_and_up_projector():
+    torch.manual_seed(0)
+    m = TokenizerModule(tiny_config(quantizer="none"), aux_lm_config=TINY_QWEN3, stage=1)
+    trained = {n.split(".")[1] for n, p in m.named_parameters() if p.requires_grad}
+    assert trained == {"merger", "up_projector"} and m.usage is None
