@@ -20,11 +20,17 @@ log = logging.getLogger("kelix.dit")
 
 
 def save_vae(vae, out_dir: str) -> None:
-    """Save a :class:`~kelix.dit.vae.FrozenVAE` as a diffusers directory carrying its latent scaling."""
+    """Save a :class:`~kelix.dit.vae.FrozenVAE` as a diffusers directory plus ``kelix_latents.json``: the
+    latent scaling the DiT was trained with, overrides included (``load_vae`` reads it back)."""
+    from kelix.dit.vae import LATENTS_FILE
+
     vae.vae.register_to_config(scaling_factor=vae.scaling_factor)
-    if not vae.is_dc or vae.is_pixel:
+    if not vae.is_dc or vae.is_pixel:  # AutoencoderDC has no shift_factor option: kept in LATENTS_FILE only
         vae.vae.register_to_config(shift_factor=vae.shift_factor or None)
     vae.vae.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, LATENTS_FILE), "w") as f:
+        json.dump({"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
+                   "latents_mean": vae.latents_mean, "latents_std": vae.latents_std}, f, indent=2)
 
 
 @dataclass

@@ -39,6 +39,8 @@ class DiTConfig:
             (``config.json`` + weights) to start from; its config is used (keys given in
             ``transformer`` must agree). Resolved when the model is built: a saved ``KelixDiT``
             holds the full transformer config and no path, so it loads without that directory.
+        transformer_variant: weights variant of ``transformer_path`` (diffusers' ``from_pretrained(variant=...)``):
+            ``bf16`` reads ``diffusion_pytorch_model.bf16.safetensors``.
         connector_hidden: width of the connector's hidden layer (default: the caption width).
         max_condition_length: condition states beyond this many are cut (the official model: 720).
     """
@@ -46,6 +48,7 @@ class DiTConfig:
     cond_dim: int = 4096
     transformer: dict = field(default_factory=dict)
     transformer_path: str | None = None
+    transformer_variant: str | None = None
     connector_hidden: int | None = None
     max_condition_length: int = 720
 
@@ -78,7 +81,11 @@ def _build_transformer(cfg: DiTConfig):
     path = cfg.transformer_path
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"dit.transformer_path {path!r} is not a local diffusers directory with config.json")
-    model = SanaTransformer2DModel.from_pretrained(path, local_files_only=True)
+    from kelix.dit.vae import check_variant, has_accelerate
+
+    check_variant(path, cfg.transformer_variant, "dit.transformer_variant")
+    model = SanaTransformer2DModel.from_pretrained(path, local_files_only=True, variant=cfg.transformer_variant,
+                                                   low_cpu_mem_usage=has_accelerate())
     loaded = {k: v for k, v in model.config.items() if not k.startswith("_")}
     for k, v in cfg.transformer.items():
         if k not in loaded:
@@ -100,7 +107,7 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         # the saved config describes the built network, never a path it came from
         config.transformer = {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in self.transformer.config.items() if not k.startswith("_")}
-        config.transformer_path = None
+        config.transformer_path = config.transformer_variant = None
         self.config = config
         self._hub_mixin_config = config
         width = self.transformer.config.caption_channels
@@ -185,5 +192,17 @@ def load_dit(path: str, device: str | torch.device | None = None) -> KelixDiT:
     """A saved :class:`KelixDiT` (``config.json`` + ``model.safetensors``) from a local directory, strictly."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path!r} is not a saved KelixDiT directory (no config.json)")
-    model = KelixDiT.from_pretrained(path, strict=True, map_location="cpu")
+    import json
+
+    from safetensors.torch import load_file
+
+    # not KelixDiT.from_pretrained: huggingface_hub prints "Loading weights from local directory" on stdout
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    try:
+        config = DiTConfig(**saved)
+    except TypeError as e:
+        raise ValueError(f"{path}/config.json is not a KelixDiT config: {e}") from e
+    model = KelixDiT(config)
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
     return model.to(device) if device is not None else model

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     cond.add_argument("--lm", help="exported Kelix LLM directory (the real condition)")
     cond.add_argument("--smoke-prompt-dim", type=int,
                       help="SMOKE TEST: PromptBytesConditions of this width instead of an LLM")
+    p.add_argument("--vae-variant", help="weights variant of --vae (e.g. bf16: diffusion_pytorch_model.bf16.safetensors)")
     p.add_argument("--tokenizer", help="exported Kelix tokenizer directory (for shards without codes; with --lm)")
     p.add_argument("--no-markers", action="store_true", help="condition on the visual blocks only (with --lm)")
     p.add_argument("--target-size", type=int, default=1024)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     processor = DiTProcessor(a.target_size, a.condition_size, a.aspect_range, a.min_source_side, a.resize,
                              target="pixels", condition="llm" if a.lm else "prompt",
                              max_condition_length=a.max_condition_length)
-    vae = load_vae(VAEConfig(path=a.vae, dtype=a.dtype) if a.vae else VAEConfig(seed=a.tiny_vae_seed))
+    vae = load_vae(VAEConfig(path=a.vae, dtype=a.dtype, variant=a.vae_variant) if a.vae else VAEConfig(seed=a.tiny_vae_seed))
     if a.lm:
         condition = LLMConditions(a.lm, a.tokenizer, include_markers=not a.no_markers, dtype=a.dtype)
     else:

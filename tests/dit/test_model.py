@@ -105,3 +105,19 @@ def test_transformer_options_must_agree_with_the_pretrained_directory(tmp_path):
     SanaTransformer2DModel(**TINY_SANA).save_pretrained(tmp_path / "sana")
     with pytest.raises(ValueError, match=r"dit.transformer.in_channels=32 disagrees"):
         KelixDiT(DiTConfig(cond_dim=COND_DIM, transformer={"in_channels": 32}, transformer_path=str(tmp_path / "sana")))
+
+
+def test_transformer_weights_of_a_variant(tmp_path):
+    """A SANA directory with only diffusion_pytorch_model.bf16.safetensors (as SANA's hub repos ship)."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(2)
+    sana = SanaTransformer2DModel(**TINY_SANA).to(torch.bfloat16)
+    sana.save_pretrained(tmp_path / "sana", variant="bf16")
+    assert (tmp_path / "sana" / "diffusion_pytorch_model.bf16.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"sana has weights of variant 'bf16', not None: set dit.transformer_variant: bf16"):
+        KelixDiT(DiTConfig(cond_dim=COND_DIM, transformer_path=str(tmp_path / "sana")))
+    dit = KelixDiT(DiTConfig(cond_dim=COND_DIM, transformer_path=str(tmp_path / "sana"), transformer_variant="bf16"))
+    for k, v in sana.state_dict().items():
+        assert torch.equal(dit.transformer.state_dict()[k].to(v.dtype), v), k
+    assert dit.config.transformer_variant is None  # the saved DiT is self-contained
