@@ -16,7 +16,8 @@ def test_precomputed_shards_hold_the_vae_latents_and_conditions(synthetic_dir, t
                  "--smoke-prompt-dim", str(COND_DIM), "--target-size", "16", "--batch-size", "3",
                  "--samples-per-shard", "5", "--device", "cpu"]) == 0
     assert "samples=8 shards=2 skipped/not_t2i=8" in capsys.readouterr().out  # the VQA shard is not DiT data
-    assert sorted(p.name for p in (tmp_path / "pre").iterdir()) == ["dit-000-00000.tar", "dit-000-00001.tar"]
+    shards = sorted(p.name for p in (tmp_path / "pre").iterdir() if p.suffix == ".tar")  # (+ a manifest)
+    assert shards == ["dit-000-00000.tar", "dit-000-00001.tar"]
 
     pre = list(ShardStream(str(tmp_path / "pre" / "*.tar"), shuffle_buffer=1, shuffle_shards=False, repeat=False,
                            processor=DiTProcessor(target="latents", condition="precomputed")))
