@@ -75,18 +75,22 @@ def apply_fsdp2(
 
     With ``owner`` (the LightningModule), every parameter it holds must end up sharded: a
     parameter left out would silently stay unsynchronised across ranks, so it is an error that
-    names the parameter.
+    names the parameter. A block or root with an ``fsdp_param_dtype`` attribute (e.g. the
+    tokenizer's quantizer, ``"float32"``) is gathered in that dtype instead of ``param_dtype``.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
 
-    dtype = DTYPES[param_dtype] if param_dtype else None
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    def policy(module: nn.Module) -> MixedPrecisionPolicy:
+        name = getattr(module, "fsdp_param_dtype", None) or param_dtype
+        dtype = DTYPES[name] if name else None
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=policy(block), reshard_after_forward=reshard_after_forward)
     for root in roots:
         # roots run first and last; keeping them gathered saves one all-gather per step
-        fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(root, mesh=mesh, mp_policy=policy(root), reshard_after_forward=False)
     if owner is not None:
         loose = [n for n, p in owner.named_parameters() if not isinstance(p, DTensor)]
         if loose:
