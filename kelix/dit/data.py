@@ -59,12 +59,18 @@ class DiTProcessor(Processor):
         min_source_side: skip images whose shorter side is below this, so targets are never upsampled
             (SFT: 1024 with ``aspect_range: [1.0, 1.0]`` keeps 1024x1024 sources only).
         resize: ``resize`` squashes the whole image to the square (paper); ``center_crop`` crops first.
-            Target and condition image get the same transform, so their layouts match.
+            Target and condition image get the same transform, so their layouts match; under ``center_crop``
+            pre-tokenized codes (made from the whole image) are used for square sources only, other
+            sources give the cropped condition image to the frozen tokenizer (``condition_crop`` skips
+            codes-only samples, whose crop cannot be made).
         target: ``pixels`` (encoded by the frozen VAE on the device) or ``latents`` (``{key}.latent.npy``).
         condition: what the condition provider needs: ``precomputed`` (``{key}.cond.npy`` ``[L, D]``),
             ``llm`` (prompt + the target's codes ``{key}.0.codes.npy`` when present, else the condition
             image), or ``prompt`` (the prompt text only: the smoke-test provider).
         max_condition_length: pre-computed conditions are cut to this many states.
+        token_size: pixels per side of one visual token of the tokenizer (``patch_size * merge_size``: 28);
+            pre-tokenized codes must be the ``condition_size / token_size`` square grid of the condition
+            image, others are skipped (``condition_grid``).
     """
 
     def __init__(self, target_size: int = 1024, condition_size: int = 504,
@@ -72,7 +78,7 @@ class DiTProcessor(Processor):
                  resize: Literal["resize", "center_crop"] = "resize",
                  target: Literal["pixels", "latents"] = "pixels",
                  condition: Literal["precomputed", "llm", "prompt"] = "precomputed",
-                 max_condition_length: int = 720):
+                 max_condition_length: int = 720, token_size: int = 28):
         if target_size < 1 or condition_size < 1:
             raise ValueError(f"target_size and condition_size must be >= 1, got {target_size}, {condition_size}")
         if aspect_range is not None and not 0 < aspect_range[0] <= aspect_range[1]:
@@ -85,6 +91,9 @@ class DiTProcessor(Processor):
         self.aspect_range = tuple(aspect_range) if aspect_range is not None else None
         self.min_source_side, self.resize = min_source_side, resize
         self.target, self.condition, self.max_condition_length = target, condition, max_condition_length
+        if condition == "llm" and (token_size < 1 or condition_size % token_size):
+            raise ValueError(f"DiTProcessor.condition_size {condition_size} is not a multiple of token_size {token_size}")
+        self.token_size = token_size
         self._norm = ImageConfig()  # mean = std = 0.5: pixels in [-1, 1], the VAE's range
 
     def _check_source(self, pixels: PILImage.Image, where: str):
@@ -98,7 +107,8 @@ class DiTProcessor(Processor):
         where = f"{sample.shard}:{sample.key}"
         prompt, image = prompt_and_target(sample)
         item = {"key": sample.key, "prompt": prompt}
-        need_pixels = self.target == "pixels" or (self.condition == "llm" and (image is None or image.codes is None))
+        codes = self._condition_codes(image, where) if self.condition == "llm" else None
+        need_pixels = self.target == "pixels" or (self.condition == "llm" and codes is None)
         if need_pixels:
             if image is None or image.pixels is None:
                 raise SampleError("not_t2i", f"{where}: no target image pixels (a DiT sample needs one image and a prompt)")
@@ -121,11 +131,27 @@ class DiTProcessor(Processor):
             # kept in its stored dtype (float16): half the host memory and transfer; cast on the device
             item["cond"] = torch.from_numpy(np.ascontiguousarray(cond[: self.max_condition_length]))
         elif self.condition == "llm":
-            if image is not None and image.codes is not None:
-                item["codes"] = torch.from_numpy(np.asarray(image.codes, dtype=np.int64))
+            if codes is not None:
+                item["codes"] = torch.from_numpy(np.asarray(codes, dtype=np.int64))
             else:
                 item["cond_image"] = square(image.pixels, self.condition_size, self.resize)
         return item
+
+    def _condition_codes(self, image: Image | None, where: str):
+        """The pre-tokenized codes to condition on, checked; None: the condition image is tokenized instead."""
+        if image is None or image.codes is None:
+            return None
+        pixels = image.pixels
+        if self.resize == "center_crop" and not (pixels is not None and pixels.size[0] == pixels.size[1]):
+            if pixels is None:
+                raise SampleError("condition_crop", f"{where}: pre-tokenized codes without pixels under resize: "
+                                  "center_crop (the codes are of the whole image, the target is its centre)")
+            return None  # the codes show the whole image: tokenize the same crop the target gets
+        g, codes = self.condition_size // self.token_size, image.codes
+        if codes.ndim != 3 or tuple(codes.shape[:2]) != (g, g):
+            raise SampleError("condition_grid", f"{where}: pre-tokenized codes {tuple(codes.shape)} are not the "
+                              f"{g}x{g} grid of a {self.condition_size}-px condition image (token_size {self.token_size})")
+        return codes
 
     def collate(self, items: list[dict]) -> dict:
         batch: dict = {"keys": [i["key"] for i in items], "prompts": [i["prompt"] for i in items],

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aspect-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
     p.add_argument("--min-source-side", type=int, default=0)
     p.add_argument("--resize", choices=["resize", "center_crop"], default="resize")
+    p.add_argument("--token-size", type=int, default=28,
+                   help="pixels per visual token of the tokenizer: pre-tokenized codes must be the "
+                        "(condition-size / token-size)^2 grid")
     p.add_argument("--max-condition-length", type=int, default=720)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"part {a.part} has no input shard ({len(Source(a.shards).expand())} in all)")
     processor = DiTProcessor(a.target_size, a.condition_size, a.aspect_range, a.min_source_side, a.resize,
                              target="pixels", condition="llm" if a.lm else "prompt",
-                             max_condition_length=a.max_condition_length)
+                             max_condition_length=a.max_condition_length, token_size=a.token_size)
     vae = load_vae(VAEConfig(path=a.vae, dtype=a.dtype, variant=a.vae_variant) if a.vae else VAEConfig(seed=a.tiny_vae_seed))
     if a.lm:
         condition = LLMConditions(a.lm, a.tokenizer, include_markers=not a.no_markers, dtype=a.dtype)

@@ -74,13 +74,59 @@ def test_center_crop_keeps_the_middle():
 
 
 def test_llm_mode_gives_codes_or_the_condition_image():
-    p = DiTProcessor(target_size=16, condition_size=12, condition="llm")
+    p = DiTProcessor(target_size=16, condition_size=56, condition="llm")
     with_codes = p(caption_sample(codes=np.ones((2, 2, 3), dtype=np.int16)))
     without = p(caption_sample())
     assert with_codes["codes"].dtype == torch.int64 and with_codes["codes"].shape == (2, 2, 3)
-    assert without["cond_image"].size == (12, 12)
+    assert without["cond_image"].size == (56, 56)
     batch = p.collate([with_codes, without])
     assert batch["codes"][1] is None and batch["cond_images"][0] is None and batch["prompts"] == ["a red box"] * 2
+
+
+def test_pretokenized_codes_must_be_the_condition_grid(tmp_path):
+    """56-px condition images of 28-px tokens: a 2x2 grid; codes of another resolution are skipped and counted."""
+    def record(key, grid):
+        return {"__key__": key, "json": {"messages": [
+            {"role": "user", "content": [{"type": "text", "text": f"draw {key}"}]},
+            {"role": "assistant", "content": [{"type": "image", "image": "0.jpg"}]}]},
+                "0.jpg": jpeg_bytes((40, 30)), "0.codes.npy": npy(np.zeros((*grid, 3), np.int16))}
+
+    shard = write_shard(tmp_path / "codes.tar", [record("ok", (2, 2)), record("native", (2, 3)),
+                                                 record("big", (18, 18)), record("ok2", (2, 2))])
+    stream = ShardStream(shard, processor=DiTProcessor(target_size=16, condition_size=56, condition="llm"),
+                         shuffle_buffer=1, repeat=False)
+    items = list(stream)
+    assert [i["key"] for i in items] == ["ok", "ok2"] and all(i["codes"].shape == (2, 2, 3) for i in items)
+    assert stream.stats["skipped/condition_grid"] == 2
+    with pytest.raises(SampleError, match=r"codes \(18, 18, 3\) are not the 2x2 grid of a 56-px condition image"):
+        DiTProcessor(target_size=16, condition_size=56, condition="llm")(caption_sample(codes=np.zeros((18, 18, 3))))
+    with pytest.raises(ValueError, match="condition_size 60 is not a multiple of token_size 28"):
+        DiTProcessor(condition_size=60, condition="llm")
+
+
+def test_center_crop_crops_the_condition_like_the_target():
+    """The codes show the whole (squashed) image: under center_crop a non-square source is tokenized from the
+    same crop the target gets; a square one keeps its codes; codes without pixels cannot be cropped."""
+    img = PILImage.new("RGB", (90, 30), (0, 0, 255))
+    img.paste((255, 0, 0), (30, 0, 60, 30))  # the centre square is red, the sides blue
+    codes = np.zeros((2, 2, 3), np.int16)
+    p = DiTProcessor(target_size=16, condition_size=56, resize="center_crop", condition="llm")
+    wide = p(Sample("w", "s.tar", "segments", [Turn(None, [Part("image", image=Image("0.jpg", img, codes)),
+                                                           Part("text", text="red")])]))
+    assert "codes" not in wide and wide["cond_image"].size == (56, 56)
+    assert set(wide["cond_image"].getdata()) == {(255, 0, 0)}  # the crop, as the target
+    assert torch.allclose(wide["pixels"], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 16, 16))
+    sq = p(caption_sample(30, 30, codes=codes))
+    assert sq["codes"].shape == (2, 2, 3) and "cond_image" not in sq
+    squash = DiTProcessor(target_size=16, condition_size=56, condition="llm")  # resize: the codes match
+    assert "codes" in squash(Sample("w", "s.tar", "segments", [Turn(None, [
+        Part("image", image=Image("0.jpg", img, codes)), Part("text", text="red")])]))
+    latents = DiTProcessor(condition_size=56, resize="center_crop", condition="llm", target="latents")
+    only_codes = caption_sample(arrays={"latent.npy": np.zeros((4, 2, 2), np.float16)})
+    only_codes.images[0].pixels, only_codes.images[0].codes = None, codes
+    with pytest.raises(SampleError, match="codes without pixels under resize: center_crop") as e:
+        latents(only_codes)
+    assert e.value.reason == "condition_crop"
 
 
 def test_precomputed_latents_and_conditions_are_padded_with_a_mask():
