@@ -33,7 +33,33 @@ def test_recipe_parses(recipe, capsys):
     if recipe.name == "pretrain.yaml":
         assert proc["aspect_range"] == [0.67, 1.5] and proc["condition_size"] == 504
     if recipe.name == "sft.yaml":
-        assert proc["aspect_range"] == [1.0, 1.0] and proc["min_source_side"] == 1024
+        assert proc["aspect_range"] == [0.67, 1.5] and proc["min_source_side"] == 1024
+
+
+def test_the_sft_recipe_makes_1024_px_square_targets_of_non_square_sources(capsys):
+    """The SFT recipe's processor, as parsed: 1024x1024 targets (paper 4.4.2) from sources of any aspect in
+    0.67-1.5 with a shorter side of at least 1024 px, and the 504-px condition image."""
+    from PIL import Image as PILImage
+
+    from kelix.data.schema import Image, Part, Sample, SampleError, Turn
+    from kelix.dit.data import DiTProcessor
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "recipes/dit/sft.yaml"), "--print_config"])
+    proc = DiTProcessor(**yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["processor"]["init_args"])
+
+    def t2i(w, h):
+        img = Image("0.jpg", PILImage.new("RGB", (w, h), (200, 30, 30)))
+        return Sample(f"{w}x{h}", "s.tar", "messages", [Turn("user", [Part("text", text="a red square")]),
+                                                         Turn("assistant", [Part("image", image=img)])], "t2i")
+
+    for w, h in ((1536, 1024), (1024, 1024), (1024, 1365), (2048, 2048)):
+        item = proc(t2i(w, h))
+        assert item["pixels"].shape == (3, 1024, 1024) and item["cond_image"].size == (504, 504), (w, h)
+    for (w, h), reason in (((2048, 1024), "aspect_ratio"), ((1000, 1000), "too_small")):
+        with pytest.raises(SampleError) as e:
+            proc(t2i(w, h))
+        assert e.value.reason == reason
 
 
 def test_the_quickstart_overlay_conditions_on_the_llm(capsys):
