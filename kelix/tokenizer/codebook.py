@@ -23,6 +23,10 @@ from kelix.data.schema import Sample, SampleError
 
 log = logging.getLogger("kelix.tokenizer")
 
+# faiss warns below 39 training points per centroid: the default reservoir keeps 40 * S embeddings
+# (2.6M at S = 65,536: 12 GB of float32 at d_in = 1152)
+POINTS_PER_CENTROID = 40
+
 
 class Reservoir:
     """A uniform sample of at most ``size`` rows from a stream (Algorithm R, vectorised per batch).
@@ -110,10 +114,12 @@ def _read_config(path: str) -> dict:
         k: cfg[k] for k in ("out", "samples", "max_images", "niter", "feature", "batch_size", "seed") if k in cfg}}
 
 
-def build(tokenizer: dict, shards, out: str, samples: int = 1_000_000, max_images: int | None = None,
+def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_images: int | None = None,
           niter: int = 20, feature: str | None = None, batch_size: int = 32, seed: int = 0, num_workers: int = 2,
           device: str | None = None, gpu: bool | None = None) -> np.ndarray:
-    """Stream ``shards`` through the tokenizer's encoder and write the k-means codebook to ``out``."""
+    """Stream ``shards`` through the tokenizer's encoder and write the k-means codebook to ``out``.
+
+    ``samples``: embeddings kept for k-means (default ``POINTS_PER_CENTROID * S``)."""
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
@@ -128,6 +134,7 @@ def build(tokenizer: dict, shards, out: str, samples: int = 1_000_000, max_image
         raise ValueError("no shards: give --shards or a recipe with data.init_args.train")
     books = 1 if cfg.quantizer == "shared" else cfg.N
     S = books * cfg.K
+    samples = samples or POINTS_PER_CENTROID * S
     if samples < S:
         raise ValueError(f"--samples {samples} < S = {S} centroids")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -181,6 +188,9 @@ def build(tokenizer: dict, shards, out: str, samples: int = 1_000_000, max_image
         flush()
     bar.close()
     log.info("build-codebook: %d images, %d %s embeddings seen, %d kept", n_images, res.seen, feature, len(res.rows))
+    if len(res.rows) < 39 * S:
+        log.warning("build-codebook: %d embeddings for %d centroids (%.1f per centroid; k-means wants >= 39): "
+                    "stream more images or raise --samples", len(res.rows), S, len(res.rows) / S)
     centroids = kmeans_codebook(res.rows, books, cfg.K, niter=niter, seed=seed, gpu=gpu, verbose=True)
     meta = {"N": str(books), "K": str(cfg.K), "centroid_dim": str(widths[feature]), "feature": feature,
             "images": str(n_images), "embeddings_seen": str(res.seen), "samples": str(len(res.rows)),
@@ -197,7 +207,8 @@ def main(argv: list[str]) -> int:
                    "train) or a standalone YAML with tokenizer/shards/out and the options below")
     p.add_argument("--shards", nargs="+", help="shard patterns (default: the recipe's training shards)")
     p.add_argument("--out", help="output .safetensors (default: the recipe's tokenizer.codebook)")
-    p.add_argument("--samples", type=int, help="patch embeddings kept for k-means (reservoir; default 1,000,000)")
+    p.add_argument("--samples", type=int, help=f"patch embeddings kept for k-means (reservoir; default "
+                   f"{POINTS_PER_CENTROID} x S, e.g. 2,621,440 at S = 65,536)")
     p.add_argument("--max-images", type=int, help="stop after this many images (default: all shards once)")
     p.add_argument("--niter", type=int, help="k-means iterations (default 20)")
     p.add_argument("--feature", choices=["patch", "merged"],

@@ -5,8 +5,10 @@ Three kinds of encoder give the same output, a list of per-image patch grids ``[
 * ``naflexvit``: timm ``NaFlexVit``; images of different sizes share one padded batch with
   ``patch_coord``/``patch_valid`` masks (padding never changes the valid tokens' features);
 * ``timm``: any timm ViT (``forward_features`` on ``[B, 3, H, W]``), images grouped by size;
-* ``hf``: a transformers vision tower (e.g. ``SiglipVisionModel``), images grouped by size and
-  position embeddings interpolated (``interpolate_pos_encoding``) for native resolution.
+* ``hf``: a transformers vision tower, position embeddings interpolated
+  (``interpolate_pos_encoding``) for native resolution. SigLIP (``siglip_vision_model``) runs
+  images of all sizes in one padded batch with a key-padding attention mask and without its
+  attention-pooling head (unused); other towers run one batch per image size.
 
 :class:`PatchMerger` is Keye's projector: LayerNorm, then each ``m x m`` group of patches
 concatenated and mapped by an MLP (patch 14 -> one visual token per 28 px).
@@ -103,6 +105,8 @@ class VisionEncoder(nn.Module):
             else:
                 raise ValueError("encoder.kind hf needs encoder.path (a local model dir) or encoder.hf_config")
             hf_cfg = getattr(hf_cfg, "vision_config", hf_cfg)  # a vision-language checkpoint: its vision tower
+            if getattr(hf_cfg, "vision_use_head", None):
+                hf_cfg.vision_use_head = False  # SigLIP's attention-pooling head: only patch features are used
             self.model = AutoModel.from_config(hf_cfg)
             self.width = int(hf_cfg.hidden_size)
             own = hf_cfg.patch_size
@@ -166,6 +170,8 @@ class VisionEncoder(nn.Module):
                 raise ValueError(f"image {i}: expected [3, H, W] with H, W multiples of {p}, got {tuple(x.shape)}")
         if self.config.kind == "naflexvit":
             return self._naflex(pixels)
+        if self._packed_siglip():
+            return self._siglip(pixels)
         out: list[torch.Tensor | None] = [None] * len(pixels)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, x in enumerate(pixels):
@@ -185,6 +191,39 @@ class VisionEncoder(nn.Module):
         if self.config.kind == "timm":
             return self.model.forward_features(batch)
         return self.model(pixel_values=batch, interpolate_pos_encoding=True).last_hidden_state
+
+    def _packed_siglip(self) -> bool:
+        cfg = getattr(self.model, "config", None)
+        # flash attention takes no additive mask: grouping by size is exact there
+        return (self.config.kind == "hf" and getattr(cfg, "model_type", None) == "siglip_vision_model"
+                and getattr(cfg, "_attn_implementation", None) != "flash_attention_2")
+
+    def _siglip(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """SigLIP on images of any sizes in one padded batch: padded keys are masked out, so each
+        image's features are those it has alone (SigLIP has no class token)."""
+        vm = getattr(self.model, "vision_model", self.model)  # transformers < 5 nests the tower
+        p = self.patch_size
+        seqs: list[torch.Tensor | None] = [None] * len(pixels)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, x in enumerate(pixels):
+            groups.setdefault(tuple(x.shape[1:]), []).append(i)
+        for idx in groups.values():  # patch + interpolated position embeddings, one call per size
+            emb = vm.embeddings(torch.stack([pixels[i] for i in idx]), interpolate_pos_encoding=True)
+            for j, i in enumerate(idx):
+                seqs[i] = emb[j]
+        lens = [s.shape[0] for s in seqs]
+        n, b = max(lens), len(seqs)
+        x = seqs[0].new_zeros(b, n, seqs[0].shape[-1])
+        valid = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+        for i, s in enumerate(seqs):
+            x[i, : len(s)], valid[i, : len(s)] = s, True
+        mask = None
+        if len(groups) > 1:  # additive key-padding mask, broadcast over heads and queries
+            mask = torch.zeros(b, 1, 1, n, dtype=x.dtype, device=x.device)
+            mask = mask.masked_fill(~valid[:, None, None], torch.finfo(x.dtype).min)
+        h = vm.post_layernorm(vm.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state)
+        return [h[i, : (t.shape[1] // p) * (t.shape[2] // p)].reshape(t.shape[1] // p, t.shape[2] // p, -1)
+                for i, t in enumerate(pixels)]
 
     def _naflex(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
         from timm.models.naflexvit import batch_patchify

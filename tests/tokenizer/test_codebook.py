@@ -60,3 +60,22 @@ def test_codebook_shape_mismatch_is_named(tmp_path):
     tok = KelixTokenizer(tiny_config(codebook=str(bad)))
     with pytest.raises(ValueError, match="do not match"):
         tok.load_init_weights()
+
+
+def test_default_sample_count_gives_faiss_enough_points_per_centroid(synthetic_dir, tmp_path, monkeypatch, caplog):
+    import kelix.tokenizer.codebook as cbmod
+
+    sizes = []
+
+    class Recording(Reservoir):
+        def __init__(self, size, dim, seed=0):
+            sizes.append(size)
+            super().__init__(size, dim, seed)
+
+    monkeypatch.setattr(cbmod, "Reservoir", Recording)
+    monkeypatch.setattr(cbmod, "kmeans_codebook", lambda x, books, K, **kw: np.zeros((books, K, x.shape[1])))
+    cfg = {"tokenizer": TINY_TOKENIZER, "shards": [str(synthetic_dir / "caption-*.tar")], "out": str(tmp_path / "c.st")}
+    (tmp_path / "cb.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tmp_path / "cb.yaml"), "--max-images", "2", "--num-workers", "0"]) == 0
+    assert sizes == [cbmod.POINTS_PER_CENTROID * 4 * 32] and cbmod.POINTS_PER_CENTROID >= 39  # S = N*K = 128
+    assert "k-means wants >= 39" in caplog.text  # two images are far too few: said plainly

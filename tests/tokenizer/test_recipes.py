@@ -36,6 +36,8 @@ def test_recipe_parses(path, monkeypatch, capsys):
     assert "class_path: kelix.tokenizer.module.TokenizerModule" in out
     assert "class_path: kelix.tokenizer.data.TokenizerProcessor" in out
     if "recipes/tokenizer/" in path:
+        assert "SigLIP-so400m (patch 14, width 1152) STANDS IN for the vision encoder of the paper" in header
+        assert "NaViT" in header
         assert "precision: bf16-mixed" in out and "kelix.training.parallel.FSDP2Strategy" in out
         assert "N: 8" in out and "K: 8192" in out and "d: 128" in out
 
