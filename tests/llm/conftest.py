@@ -42,21 +42,32 @@ def backbone_dir(plain_lm, tmp_path_factory):
 
 @torch.no_grad()
 def stand_in_training(lm, seed: int = 0):
-    """Weights as after some training, so that every input of the predictor matters: a block decoder
-    that is not the identity (its zero-initialised output projection drawn at random), parallel heads
-    that are not identities, and LM-head visual rows as distinct as text rows (they start at the text
-    rows' mean). Returns ``lm``."""
+    """Weights as after some training, so that every input of the predictor matters and greedy
+    answers vary: backbone layers 8x their (tiny, 0.02) init, whose random stream otherwise points
+    one way at every position; a block decoder that is not the identity (its zero-initialised output
+    projection drawn at random); parallel heads that are not identities; and LM-head
+    visual rows as distinct as text rows (they start at the text rows' mean). Returns ``lm``."""
     from kelix.llm.decoder import ParallelHeads
 
     g = torch.Generator().manual_seed(1000 + seed)
+    for p in lm.body.layers.parameters():
+        if p.ndim == 2:
+            p.mul_(8.0)
     dec = lm.decoder
     if isinstance(dec, ParallelHeads):
         D = dec.text_head.shape[0]
         for p in (dec.text_head, dec.code_heads):
             p.add_(torch.randn(p.shape, generator=g) * 0.5 / D ** 0.5)
-    else:
-        for p in dec.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    else:  # at the code embeddings' scale, so that h, the previous code and the slot all move the output
+        j = torch.arange(lm.vocab.N).repeat(8)
+        scale = float(lm.code_embed(j, torch.randint(0, lm.vocab.K, j.shape, generator=g)).std())
+        D, W = dec.proj_in.in_features, dec.proj_in.out_features
+        dec.proj_in.weight.copy_(torch.randn(dec.proj_in.weight.shape, generator=g) / (D ** 0.5 * scale))
+        dec.slot_embed.weight.copy_(torch.randn(dec.slot_embed.weight.shape, generator=g) * 0.3)
+        for p in dec.body.parameters():
+            if p.ndim == 2:  # unit gain, so attention to h and to earlier codes weighs like the residual
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+        dec.proj_out.weight.copy_(torch.randn(dec.proj_out.weight.shape, generator=g) * scale / W ** 0.5)
     head, vo = lm.lm_head.weight, lm.vocab.visual_offset
     text = head[:vo].float()
     head[vo:] = (text.mean(0) + text.std(0) * torch.randn(head.shape[0] - vo, head.shape[1], generator=g)).to(head.dtype)
