@@ -5,9 +5,9 @@
     pipe.generate("a red circle on a white background", size=1024)      # -> PIL image
 
 Understanding: Kelix-Tok turns each image into a code grid, the LLM reads it as visual blocks after
-the question and answers with text blocks until ``<|im_end|>``. Generation: the LLM writes the
-image's blocks (row markers forced, codes sampled per slot), and the DiT renders the collected
-hidden states through the VAE. Each part is an exported HF-style directory; ``save_pretrained``
+the question and answers with text blocks until ``<|im_end|>``, the tokenizer's eos or
+``<|endoftext|>``. Generation: the LLM writes the image's blocks (row markers forced, codes sampled
+per slot), and the DiT renders the collected hidden states through the VAE. Each part is an exported HF-style directory; ``save_pretrained``
 writes the three side by side with a ``pipeline.json`` that ``from_pretrained(path)`` reads back.
 """
 
@@ -89,7 +89,8 @@ class KelixPipeline:
             file = os.path.join(path, PIPELINE_FILE)
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{path!r} has no {PIPELINE_FILE} (write one with KelixPipeline.save_pretrained)")
-            saved = json.load(open(file))
+            with open(file) as f:
+                saved = json.load(f)
             tokenizer = tokenizer or os.path.join(path, saved["tokenizer"])
             llm = llm or os.path.join(path, saved["llm"])
             dit = dit or (os.path.join(path, saved["dit"]) if saved.get("dit") else None)
@@ -130,13 +131,14 @@ class KelixPipeline:
     # -- understanding
     @torch.no_grad()
     def understand(self, images, question: str, max_new_tokens: int = 128, sampling: Sampling | None = None,
-                   progress: bool = False) -> str:
-        """Answer ``question`` about ``images`` (a PIL image or a list; may be empty for text chat)."""
+                   progress: bool = False, stop_ids: tuple[int, ...] | None = None) -> str:
+        """Answer ``question`` about ``images`` (a PIL image or a list; may be empty for text chat).
+        ``stop_ids`` end the answer (default :func:`~kelix.llm.generate.default_stop_ids`)."""
         images = [images] if isinstance(images, PILImage.Image) else list(images or [])
         codes = self.tokenizer.encode(images) if images else []
         doc = understanding_doc(self.lm, question, codes)
         ids = generate_text(self.lm, [doc], max_new_blocks=max_new_tokens, sampling=sampling or Sampling(temperature=0),
-                            progress=progress)
+                            progress=progress, stop_ids=stop_ids)
         return self.lm.text_tokenizer.decode(ids[0], skip_special_tokens=True).strip()
 
     # -- generation

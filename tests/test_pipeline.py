@@ -95,3 +95,25 @@ def test_bad_inputs_are_named(parts, tmp_path):
     with pytest.raises(ValueError, match="no DiT"):
         no_dit.generate("x")
     assert isinstance(no_dit.config, PipelineConfig)
+
+
+def test_chat_and_generate_reach_the_terminal_without_warnings(pipe, picture, tmp_path, capfd):
+    """No Python warning (errors here) and nothing on stderr from the libraries but progress bars."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    pipe.save_pretrained(str(tmp_path / "pipe"))
+    picture.save(tmp_path / "in.png")
+    hf_logging.warning_once.cache_clear()
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["chat", "--pipeline", str(tmp_path / "pipe"), "--image", str(tmp_path / "in.png"),
+                     "--max-new-tokens", "4", "Describe."]) == 0
+        assert main(["generate", "--pipeline", str(tmp_path / "pipe"), "--out", str(tmp_path / "o.png"),
+                     "--size", "16", "--llm-cfg-scale", "2", "a cat"]) == 0
+    err = capfd.readouterr().err
+    noise = [line for line in err.replace("\r", "\n").splitlines()
+             if line.strip() and not any(k in line for k in ("blocks", "rendering", "Loading weights"))]
+    assert noise == []

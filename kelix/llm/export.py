@@ -27,7 +27,10 @@ def read_llm_checkpoint(path: str) -> tuple[dict, dict | None]:
 
     if os.path.isdir(path) and not is_sharded_checkpoint(path):
         cfg_file = os.path.join(path, "config.json")
-        meta = json.load(open(cfg_file)).get("kelix_llm") if os.path.isfile(cfg_file) else None
+        meta = None
+        if os.path.isfile(cfg_file):
+            with open(cfg_file) as f:
+                meta = json.load(f).get("kelix_llm")
         sd = read_state_dict(path)
     else:
         sd, info = read_checkpoint(path)
@@ -59,7 +62,7 @@ def load_lm(path: str, text_tokenizer: str | None = None):
 
 def lm_from_weights(sd: dict, meta: dict, text_tokenizer: str | None = None, where: str = "checkpoint"):
     """Build the model ``meta`` (a checkpoint's ``kelix_llm`` entry) describes and load ``sd`` into it."""
-    from kelix.llm.model import KelixLM, LLMConfig
+    from kelix.llm.model import KelixLM, LLMConfig, fill_legacy
 
     cfg = dict(meta["config"])
     bb = dict(meta["backbone_config"])
@@ -68,7 +71,7 @@ def lm_from_weights(sd: dict, meta: dict, text_tokenizer: str | None = None, whe
     cfg.update(backbone=None, backbone_config=bb, image_tokenizer=None,
                text_tokenizer=text_tokenizer or cfg.get("text_tokenizer") or cfg.get("backbone"))
     lm = KelixLM(LLMConfig(**cfg))
-    missing, unexpected = lm.load_state_dict(sd, strict=False)
+    missing, unexpected = lm.load_state_dict(fill_legacy(sd), strict=False)
     if missing or unexpected:
         raise KeyError(f"{where}: checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return lm

@@ -38,6 +38,15 @@ log = logging.getLogger("kelix.llm")
 FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
 
 
+def fill_legacy(sd: dict) -> dict:
+    """``sd`` with the tensors a model exported before they existed lacks, valued as that model ran
+    (no slot-0 ``visual_bias``: 0)."""
+    if "visual_bias" not in sd and any(k.startswith("decoder.") for k in sd):
+        log.info("weights without visual_bias (an older export): using 0, as they were trained")
+        sd = {**sd, "visual_bias": torch.zeros(1)}
+    return sd
+
+
 def _final_norm(backbone) -> nn.Module:
     body = backbone.get_decoder()
     for name in FINAL_NORMS:
@@ -356,7 +365,8 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         from safetensors.torch import load_file
 
         if config is None:
-            config = json.load(open(os.path.join(model_id, "config.json")))
+            with open(os.path.join(model_id, "config.json")) as f:
+                config = json.load(f)
         known = {f.name for f in fields(LLMConfig)}
         cfg = LLMConfig(**{k: v for k, v in (config if isinstance(config, dict) else asdict(config)).items() if k in known}
                         | dict(backbone=os.path.join(model_id, "backbone"), backbone_config=None,
@@ -366,7 +376,7 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         if attn_implementation is not None:
             cfg.attn_implementation = attn_implementation
         model = cls(cfg)
-        sd = load_file(os.path.join(model_id, "model.safetensors"), device=map_location)
+        sd = fill_legacy(load_file(os.path.join(model_id, "model.safetensors"), device=map_location))
         own = {k for k in model.state_dict() if not k.startswith("backbone.")}
         missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
         if missing or unexpected:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from kelix.llm.loss import nbp_loss
-from kelix.llm.model import KelixLM, LLMConfig
+from kelix.llm.model import KelixLM, LLMConfig, fill_legacy
 from kelix.training.module import KelixModule
 
 log = logging.getLogger("kelix.llm")
@@ -92,7 +92,7 @@ class UnifiedLLMModule(KelixModule):
                 raise ValueError(f"init_from {init_from!r} holds no Kelix LLM config: set model.init_args.lm too")
             else:
                 self.lm = KelixLM(lm)
-                missing, unexpected = self.lm.load_state_dict(sd, strict=False)
+                missing, unexpected = self.lm.load_state_dict(fill_legacy(sd), strict=False)
                 if missing or unexpected:
                     raise KeyError(f"init_from {init_from}: missing {missing[:3]}, unexpected {unexpected[:3]}")
         elif lm is None:
