@@ -200,33 +200,42 @@ class TokenizerModule(KelixModule):
         if int(mask.sum()) != out.embeds.shape[0]:
             raise ValueError(f"the batch marks {int(mask.sum())} visual positions but its images give "
                              f"{out.embeds.shape[0]} tokens: processor image config differs from the tokenizer's")
-        embeds = self.aux_lm.get_input_embeddings()(batch["input_ids"])
-        embeds = embeds.masked_scatter(mask.unsqueeze(-1), out.embeds.to(embeds.dtype))
-        ntp = self._ntp(embeds, batch["attention_mask"], batch["labels"])
+        ntp = self._ntp(batch["input_ids"], mask, out.embeds, batch["attention_mask"], batch["labels"])
         terms = {"loss": ntp + self.vq_weight * out.loss, "ntp": ntp, "vq": out.loss.detach()}
         terms.update({f"vq_{k}": v for k, v in out.terms.items()})
         if out.codes is not None:
             (self.usage if split == "train" else self.val_usage).update(out.codes.detach())
         return terms
 
-    def _ntp(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Next-token loss of the aux LM, its head applied only where a label is (mean over labels)."""
-        hidden = {}
+    def _ntp(self, input_ids: torch.Tensor, image_mask: torch.Tensor, visual: torch.Tensor,
+             attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token loss of the aux LM on ``input_ids`` with ``visual`` embeddings at ``image_mask``,
+        its head applied only where a label is (mean over the labels).
 
-        def keep(module, args, output):
-            hidden["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-        # the LM's own forward (FSDP2's hooks of the aux-LM unit run), with no logits at all
-        handle = self.aux_lm.base_model.register_forward_hook(keep)
-        try:
-            self.aux_lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
-                        logits_to_keep=torch.zeros(0, dtype=torch.long, device=embeds.device))
-        finally:
-            handle.remove()
+        Both the visual embeddings and the head go in through hooks, inside the aux LM's own
+        forward: every use of its (tied) embedding table falls inside that FSDP2 unit's forward,
+        so its gradient is complete before FSDP2 reduces it.
+        """
         target = labels[:, 1:]
         where = target != -100
-        logits = self.aux_lm.get_output_embeddings()(hidden["h"][:, :-1][where]).float()
-        return F.cross_entropy(logits, target[where], reduction="sum") / where.sum().clamp(min=1)
+        got = {}
+
+        def insert(module, args, output):  # the input embeddings, visual positions replaced
+            return output.masked_scatter(image_mask.unsqueeze(-1), visual.to(output.dtype))
+
+        def head(module, args, output):  # the LM head on the labelled positions only
+            h = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            got["logits"] = self.aux_lm.get_output_embeddings()(h[:, :-1][where])
+
+        hooks = [self.aux_lm.get_input_embeddings().register_forward_hook(insert),
+                 self.aux_lm.base_model.register_forward_hook(head)]
+        try:  # no logits from the LM's own head, no KV cache
+            self.aux_lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                        logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
+        finally:
+            for h in hooks:
+                h.remove()
+        return F.cross_entropy(got["logits"].float(), target[where], reduction="sum") / where.sum().clamp(min=1)
 
     # -- codebook health
     def _log_usage(self, metric: CodebookUsage, prefix: str, histogram: bool):

@@ -130,3 +130,37 @@ def fsdp_body(rank: int, world: int, out_dir: str) -> dict:
     return {"quantizer_dtypes": seen["dtypes"], "block_dtype": seen["block"], "tokens": int(out.codes.shape[0]),
             "codes_equal": bool(torch.equal(out.codes, want.codes)),
             "mismatch": int((out.codes != want.codes).sum())}
+
+
+def fsdp_grad_body(rank: int, world: int, out_dir: str) -> dict:
+    """One step under FSDP2 (float32), each rank its own batch: the gradients equal one process's
+    gradient of the mean of the ranks' losses (FSDP2 averages over ranks)."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from kelix.training.parallel import apply_fsdp2
+    from tests.tokenizer.test_usage_logging import _batches
+
+    m = _module()
+    batches = _batches(world + 1)[1:]  # different images and captions per rank
+    ref = copy.deepcopy(m)
+    (sum(ref.step(b, "train")["loss"] for b in batches) / world).backward()
+    want = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+    mesh = init_device_mesh("cpu", (world,))
+    roots = m.parallel_roots()
+    apply_fsdp2(roots, m.parallel_blocks(), mesh, owner=m)
+    m.__dict__["_fsdp_roots"] = roots  # as KelixModule.configure_model does
+    m._unshard_roots()
+    m.step(batches[rank], "train")["loss"].backward()
+    worst, missing = {}, []
+    for n, p in m.named_parameters():
+        if n not in want:
+            continue
+        if p.grad is None:
+            missing.append(n)
+            continue
+        g = p.grad.full_tensor()
+        worst[n] = float((g - want[n]).abs().max() / want[n].abs().max().clamp(min=1e-12))
+    return {"missing": missing, "worst": max(worst.values()), "worst_name": max(worst, key=worst.get),
+            "checked": len(worst)}
