@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -66,7 +67,7 @@ def load_detokenizer(path: str, device: str | torch.device | None = None) -> DeT
     if not os.path.isdir(vae_dir):
         raise FileNotFoundError(f"{path!r} has no vae/ directory (was it written by kelix export-dit?)")
     flow_file = os.path.join(path, "flow.json")
-    flow = FlowConfig(**json.load(open(flow_file))) if os.path.isfile(flow_file) else FlowConfig()
+    flow = FlowConfig(**json.loads(Path(flow_file).read_text())) if os.path.isfile(flow_file) else FlowConfig()
     out = DeTokenizer(load_dit(path).eval(), load_vae(VAEConfig(path=vae_dir)), flow)
     return out.to(device) if device is not None else out
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -220,7 +221,7 @@ def load_vae(cfg: VAEConfig) -> FrozenVAE:
         conf = os.path.join(cfg.path, "config.json")
         if not os.path.isfile(conf):
             raise FileNotFoundError(f"vae.path {cfg.path!r} is not a local diffusers VAE directory (no config.json)")
-        name = json.load(open(conf)).get("_class_name")
+        name = json.loads(Path(conf).read_text()).get("_class_name")
         if name not in ("AutoencoderDC", "AutoencoderKL", "PixelAutoencoder"):
             raise ValueError(f"{conf}: _class_name {name!r} is not AutoencoderDC, AutoencoderKL or PixelAutoencoder")
         check_variant(cfg.path, cfg.variant, "vae.variant")
@@ -228,7 +229,7 @@ def load_vae(cfg: VAEConfig) -> FrozenVAE:
                                                low_cpu_mem_usage=has_accelerate(), variant=cfg.variant)
         saved = os.path.join(cfg.path, LATENTS_FILE)  # an export's record of the scaling its DiT trained with
         if os.path.isfile(saved):
-            rec = json.load(open(saved))
+            rec = json.loads(Path(saved).read_text())
             return FrozenVAE(vae, cfg.scaling_factor if cfg.scaling_factor is not None else rec.get("scaling_factor"),
                              cfg.shift_factor if cfg.shift_factor is not None else rec.get("shift_factor"),
                              cfg.sample_posterior, rec.get("latents_mean"), rec.get("latents_std"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             return read_sharded(path)
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
-            files = sorted(set(json.load(open(index))["weight_map"].values()))
+            files = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
             out = {}
             for f in files:
                 out.update(load_file(os.path.join(path, f)))
