@@ -30,6 +30,7 @@ KIT_VERBS: dict[str, tuple[str, str]] = {
     "convert-checkpoint": ("kelix.training.convert:main", "sharded (distributed) checkpoint -> HF-style directory"),
     "chat": ("kelix.pipeline_cli:chat", "answer a question about an image with an exported pipeline"),
     "generate": ("kelix.pipeline_cli:generate", "generate an image from a prompt with an exported pipeline"),
+    "eval": ("kelix.eval.cli:main", "benchmarks: eval run (a pipeline on a benchmark), eval score, eval list"),
     "quickstart": ("kelix.quickstart:main", "the whole pipeline on tiny models and synthetic data, on CPU"),
 }
 

@@ -60,6 +60,16 @@ def test_help_lists_every_verb_without_importing_heavy_libraries():
         assert f"  {verb} " in out
 
 
+def test_eval_list_answers_without_heavy_libraries():
+    code = ("import sys; from kelix.cli import main; assert main(['eval', 'list']) == 0; "
+            "heavy = [m for m in ('torch', 'lightning', 'transformers', 'diffusers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "mmbench-en" in out and "synthetic-t2i" in out
+    assert "  eval " in subprocess.run([sys.executable, "-m", "kelix.cli", "--help"], capture_output=True,
+                                       text=True, check=True).stdout
+
+
 def test_every_kit_verb_resolves_to_a_function():
     import importlib
 
