@@ -151,8 +151,9 @@ def _teacher_forced(lm, doc, ids):
 
 
 def test_registration():
-    from kelix.eval import lmms
     from lmms_eval import models
+
+    from kelix.eval import lmms
 
     lmms.register()
     assert models.get_model("kelix") is lmms.KelixLMMS
