@@ -6,16 +6,19 @@ import glob
 import logging
 import os
 import re
+import sys
 import warnings
+from unittest import mock
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kelix.training.callbacks import DataHealth, Throughput
 from kelix.training.checkpoint import PREEMPTED_EXIT_CODE, KelixCheckpoint, find_last_checkpoint
 from kelix.training.parallel import FSDP2Strategy  # noqa: F401  (registers strategy: fsdp2)
+from kelix.training.progress import PartSummary, StepProgressBar
 
 DEFAULT_RUN_NAME = "kelix"
 
@@ -41,6 +44,10 @@ class KelixCLI(LightningCLI):
     * checkpointing (:class:`~kelix.training.checkpoint.KelixCheckpoint`: atomic ``last.ckpt``,
       saved on SIGTERM; options under ``checkpoint:``), the learning-rate monitor (``lr_monitor:``),
       throughput and data-health monitors are always on;
+    * the progress bar counts optimizer steps against ``max_steps``
+      (:class:`~kelix.training.progress.StepProgressBar`) and the summary lists parameters per part,
+      trainable and frozen (:class:`~kelix.training.progress.PartSummary`), unless the trainer's
+      ``enable_progress_bar`` / ``enable_model_summary`` are false or ``trainer.callbacks`` has its own;
     * ``fit --ckpt_path last`` resumes the newest ``runs/<name>/version_N`` holding a
       ``checkpoints/last.ckpt`` and keeps logging into that same directory.
     """
@@ -57,6 +64,12 @@ class KelixCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(DataHealth, "data_health")
 
+    def parse_arguments(self, parser, args):
+        # `kelix fit ...` hands its whole command line over as ``args``; LightningCLI warns whenever
+        # sys.argv holds arguments too. Only while parsing: DDP's launcher re-runs sys.argv for each rank.
+        with mock.patch.object(sys, "argv", sys.argv[:1]):
+            super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self):
         # Lightning reads a checkpoint file whole, on every rank, only to look for hyper-parameters
         # (tens of GB at paper scale): memory-map it, and defer to Lightning only if it has some.
@@ -68,6 +81,16 @@ class KelixCLI(LightningCLI):
             return
         if torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters"):
             super()._parse_ckpt_path()
+
+    def _instantiate_trainer(self, config, callbacks):
+        own = config.get("callbacks") or []
+        given = [*(own if isinstance(own, list) else [own]), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, StepProgressBar()]
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+            callbacks = [*callbacks, PartSummary()]
+            config = {**config, "enable_model_summary": False}  # instead of Lightning's, not beside it
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self):
         cfg = self.config[self.subcommand] if self.subcommand else self.config

@@ -112,3 +112,18 @@ def test_resume_from_an_explicit_checkpoint_file(tmp_path, monkeypatch):
     ckpt = str(tmp_path / "runs/r/version_0/checkpoints/last.ckpt")
     fit(tmp_path, shard_recipe(tmp_path, max_steps=3), "--ckpt_path", ckpt)
     assert load(tmp_path / "runs/r/version_1/checkpoints/last.ckpt")["global_step"] == 3  # a new run from it
+
+
+def test_fit_from_the_command_line_does_not_warn_about_args(tmp_path, monkeypatch):
+    """`kelix fit ...` passes its own command line on as ``args``: LightningCLI must not see it twice."""
+    import sys
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["kelix", "fit", "--config", "r.yaml"]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, shard_recipe(tmp_path, max_steps=1))
+    assert not [w for w in caught if "args parameter" in str(w.message)]
+    assert sys.argv == argv  # restored after parsing (DDP's launcher re-runs it for each rank)
