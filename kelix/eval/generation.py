@@ -4,7 +4,7 @@
 skips finished prompts) and a manifest.json; docs/eval.md gives each scorer's command.
 
 * GenEval: ``evaluation_metadata.jsonl`` -> ``<out>/<00000>/metadata.jsonl`` (the prompt's line) and
-  ``<out>/<00000>/samples/0000.png`` ... (4 samples per prompt by default);
+  ``<out>/<00000>/samples/00000.png`` ... (4 samples per prompt by default);
 * DPG-Bench: ``dpg_bench.csv`` (or its ``prompts/`` folder of ``<item_id>.txt``) -> ``<out>/<item_id>.png``,
   a 2x2 grid of 4 samples;
 * WISE: its prompt JSON(s) (``prompt_id``, ``Prompt``) -> ``<out>/<prompt_id>.png``.
@@ -39,7 +39,7 @@ class _External(Benchmark):
 class GenEval(_External):
     name = "geneval"
     files = "GenEval prompts/evaluation_metadata.jsonl"
-    layout = "<out>/<00000>/metadata.jsonl + samples/<0000>.png"
+    layout = "<out>/<00000>/metadata.jsonl + samples/<00000>.png"
     scorer = "geneval: python evaluation/evaluate_images.py <out> --outfile results.jsonl --model-path <detector>"
     samples = 4
 
@@ -60,7 +60,7 @@ class GenEval(_External):
 
     def generate_item(self, model, item, out, seed):
         folder = os.path.join(out, f"{item.id:05d}")
-        paths = [os.path.join(folder, "samples", f"{k:04d}.png") for k in range(self.samples)]
+        paths = [os.path.join(folder, "samples", f"{k:05d}.png") for k in range(self.samples)]  # as GenEval writes them
         self._save(model.render([item.prompt] * self.samples, seed=seed), paths)
         with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
             f.write(json.dumps(item.answer) + "\n")
@@ -120,7 +120,7 @@ class WISE(_External):
     name = "wise"
     files = "WISE data/*.json (prompt_id, Prompt), one file or their folder"
     layout = "<out>/<prompt_id>.png"
-    scorer = "WISE: gpt_eval.py --json_path <prompts.json> --image_dir <out> (a GPT-4o judge)"
+    scorer = "WISE: gpt_eval.py --json_path data/<part>.json --image_dir <out> --output_dir ... (a GPT-4o judge)"
 
     def read(self, data, images=None):
         files = sorted(glob.glob(os.path.join(data, "*.json"))) if os.path.isdir(data) else [data]
@@ -136,7 +136,7 @@ class WISE(_External):
                 prompt = r.get("Prompt", r.get("prompt")) if isinstance(r, dict) else None
                 if "prompt_id" not in r or not prompt:
                     raise DataError(f"{where(path, i, 'prompt_id' if 'prompt_id' not in r else 'Prompt')}: missing")
-                items.append(Item(r["prompt_id"], prompt, category=str(r.get("Category", ""))))
+                items.append(Item(r["prompt_id"], prompt, category=str(r.get("Category", r.get("Subcategory", "")))))
         return items
 
     def generate_item(self, model, item, out, seed):

@@ -44,7 +44,7 @@ def test_geneval_layout_seeds_and_resume(tmp_path):
         folder = out / f"{i:05d}"
         assert json.loads((folder / "metadata.jsonl").read_text()) == row  # what GenEval's scorer reads
         samples = sorted((folder / "samples").iterdir())
-        assert [p.name for p in samples] == ["0000.png", "0001.png", "0002.png", "0003.png"]
+        assert [p.name for p in samples] == ["00000.png", "00001.png", "00002.png", "00003.png"]
         assert Image.open(samples[1]).getpixel((0, 0)) == (10 + i, 40, 7)
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["seed"] for p in preds] == [10, 11, 12]
