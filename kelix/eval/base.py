@@ -106,6 +106,7 @@ class Benchmark:
     files: str = ""  # what --data points at, in the benchmark's published format
     metrics: tuple[str, ...] = ("acc",)
     max_new_tokens: int = 32
+    judge = None  # a kelix.eval.judge.Judge, for benchmarks whose reference uses one (--judge-url)
 
     def read(self, data: str, images: str | None = None) -> list[Item]:
         raise NotImplementedError

@@ -24,6 +24,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default=None, help="image folder, for benchmarks whose files name images by path")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--out", required=True, help="output directory (predictions.jsonl, scores.json, scores.md)")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint (.../v1) for the benchmarks whose "
+                   "reference uses a judge (MCQ fallback, MathVista extraction; key from $OPENAI_API_KEY)")
+    p.add_argument("--judge-model", default=None, help="the judge's model name")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +52,12 @@ def _items(a):
     from kelix.eval import get_benchmark
 
     bench = get_benchmark(a.benchmark)
+    if a.judge_url or a.judge_model:
+        from kelix.eval.judge import Judge
+
+        if not (a.judge_url and a.judge_model):
+            raise ValueError("give both --judge-url and --judge-model")
+        bench.judge = Judge(a.judge_url, a.judge_model)
     items = bench.read(a.data, a.images)
     if a.limit is not None:
         items = items[: a.limit]
@@ -74,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "list":
         return _list()
     from kelix.eval.base import DataError
+    from kelix.eval.judge import JudgeError
     from kelix.eval.runner import read_predictions, run, score
 
     try:
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.redirect_stdout(sys.stderr):  # loaders print progress; stdout keeps the summary
                 pipe = KelixPipeline.from_pretrained(a.pipeline, device=a.device, dtype=a.dtype)
             result = run(PipelineModel(pipe), bench, items, a.out, a.data, a.batch_size, a.max_new_tokens, a.seed)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, FileNotFoundError, JudgeError) as e:
         print(f"kelix eval: {e}", file=sys.stderr)
         return 2
     overall = ", ".join(f"{k}={v:.4f}" for k, v in result["overall"].items()) or "images written (see manifest.json)"

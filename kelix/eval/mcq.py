@@ -42,10 +42,14 @@ class MultipleChoice(Benchmark):
             raise DataError(f"{where(data, i, 'answer')}: {answer!r} is not one of the options {''.join(options)}")
         hint = None if is_missing(r.get("hint")) else r["hint"]
         return Item(_int(r["index"]), mcq_prompt(r["question"], options, hint), answer, images,
-                    str(r.get("category") or ""), {"options": options, "l2": r.get("l2-category", "")})
+                    str(r.get("category") or ""), {"options": options, "l2": r.get("l2-category", ""),
+                                                    "question": r["question"], "hint": hint})
 
     def score_item(self, item: Item, prediction: str) -> dict[str, float]:
-        return {"acc": float(extract_choice(prediction, item.meta["options"]) == item.answer)}
+        letter = extract_choice(prediction, item.meta["options"])
+        if letter is None and self.judge is not None:  # VLMEvalKit asks its judge only when the rules fail
+            letter = self.judge.choose(item.meta["question"], item.meta["options"], prediction)
+        return {"acc": float(letter == item.answer)}
 
 
 def _int(v):
@@ -78,7 +82,6 @@ class MMBench(MultipleChoice):
         it = super().item(r, i, data, images)
         if not isinstance(it.id, int):
             raise DataError(f"{where(data, i, 'index')}: {r['index']!r} is not an integer")
-        it.meta.update(question=r["question"], hint=None if is_missing(r.get("hint")) else r["hint"])
         return it
 
     def read(self, data, images=None):
@@ -202,6 +205,8 @@ class MathVista(Benchmark):
 
     def score_item(self, item, prediction):
         m = item.meta
+        if self.judge is not None:  # the reference's step: a judge extracts the answer, rules compare it
+            prediction = self.judge.extract(item.prompt, prediction)
         if m["type"] == "multi_choice":
             letter = extract_choice(prediction, m["options"])
             return {"acc": float(letter is not None and m["options"][letter] == item.answer)}

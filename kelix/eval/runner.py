@@ -140,6 +140,8 @@ def score(bench: Benchmark, items: list[Item], predictions: dict[str, str], out:
                             "score": scores[it.key]})
     result = {"benchmark": bench.name, **bench.aggregate(items, scores, predictions),
               "missing": len(items) - len(scores)}
+    if bench.judge is not None:
+        result["judge"] = f"{bench.judge.model} at {bench.judge.url}"
     if out is not None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, SCORES_JSON), "w") as f:
