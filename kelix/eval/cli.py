@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         bench, items = _items(a)  # before any model loads
         if a.cmd == "score":
             preds = {k: r["prediction"] for k, r in read_predictions(a.predictions).items()}
-            result = score(bench, items, preds, a.out)
+            target = os.path.join(a.out, "predictions.jsonl")
+            same = os.path.exists(target) and os.path.samefile(a.predictions, target)
+            result = score(bench, items, preds, a.out, write_predictions=not same)  # a run's own file keeps its fields
         else:
             if a.samples is not None:
                 bench.samples = a.samples

@@ -116,6 +116,11 @@ def test_t2i_end_to_end_writes_images_scores_and_resumes(pipeline_dir, bench_dir
     assert main(["eval", "score", "--benchmark", "synthetic-t2i", "--data", bench_dir, "--limit", "2",
                  "--predictions", str(out / "predictions.jsonl"), "--out", str(tmp_path / "s")]) == 0
     assert json.load(open(tmp_path / "s" / "scores.json")) == json.load(open(out / "scores.json"))
+    # rescoring in place keeps the run's own predictions file (its seeds) as it is
+    before = (out / "predictions.jsonl").read_text()
+    assert main(["eval", "score", "--benchmark", "synthetic-t2i", "--data", bench_dir, "--limit", "2",
+                 "--predictions", str(out / "predictions.jsonl"), "--out", str(out)]) == 0
+    assert (out / "predictions.jsonl").read_text() == before
 
 
 def test_bad_input_is_one_line_before_the_model_loads(bench_dir, tmp_path, monkeypatch, capsys):
