@@ -43,7 +43,8 @@ def _rows(task: str, n: int, seed: int, size: tuple[int, int]):
     rng = random.Random(f"kelix-eval:{seed}:{task}")
     for i in range(n):
         if task == "t2i":
-            color, count, shape = rng.choice(list(COLORS)), rng.randint(1, 4), rng.choice(SHAPES)
+            # 1-3 objects, as many as a training scene holds; several of one kind is the new combination
+            color, count, shape = rng.choice(list(COLORS)), rng.randint(1, 3), rng.choice(SHAPES)
             picture = render_t2i(color, count, shape, size[1], rng, rng.choice(list(BACKGROUNDS)))
             text = t2i_text(color, count, shape)
             yield {"id": i, "prompt": text, "color": color, "count": count, "shape": shape}, picture
