@@ -10,8 +10,9 @@ from typing import Literal
 import lightning.pytorch as pl
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from kelix.data.decode import DEFAULT_MAX_PIXELS
 from kelix.data.processor import CollateWithStats, Processor
-from kelix.data.shards import Source, as_sources
+from kelix.data.shards import DEFAULT_MAX_MEMBER_BYTES, Source, as_sources
 from kelix.data.stream import ShardStream, uniform
 from kelix.data.synthetic import SyntheticData
 
@@ -126,6 +127,12 @@ class ShardDataModule(pl.LightningDataModule):
             (samples seen before may be seen again; use it when the world size changed).
         prefetch_factor: batches prefetched per worker.
         pin_memory: pin host memory of batches (GPU training).
+        max_image_pixels: an image with more pixels (width x height, read from its header) is
+            skipped before it is decoded (``data/skipped/too_many_pixels``): a guard against
+            decompression bombs, far above training resolutions (images are resized after decoding).
+            PIL's own ``Image.MAX_IMAGE_PIXELS`` (89M) caps it.
+        max_member_bytes: a sample with a larger file in its shard is skipped without reading
+            that file (``data/skipped/oversized_member``).
     """
 
     def __init__(
@@ -144,6 +151,8 @@ class ShardDataModule(pl.LightningDataModule):
         resume: Literal["exact", "restart"] = "exact",
         prefetch_factor: int = 2,
         pin_memory: bool = False,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ):
         super().__init__()
         if batch_size < 1:
@@ -156,6 +165,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.synthetic, self.resume = synthetic, resume
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        if max_image_pixels < 1 or max_member_bytes < 1:
+            raise ValueError(f"data.max_image_pixels ({max_image_pixels}) and data.max_member_bytes "
+                             f"({max_member_bytes}) must be >= 1")
+        self.max_image_pixels, self.max_member_bytes = max_image_pixels, max_member_bytes
         self.streams: dict[str, ShardStream] = {}
         self._loaders: dict[str, ShardLoader] = {}
         self._train_state: dict | None = None  # this rank's saved loader state, applied to the next train loader
@@ -175,6 +188,7 @@ class ShardDataModule(pl.LightningDataModule):
             stream = ShardStream(
                 sources, processor=self.processor, seed=self.seed, shuffle_buffer=self.shuffle_buffer if split == "train" else 1,
                 shuffle_shards=split == "train", repeat=split == "train", attach_stats=True,
+                max_image_pixels=self.max_image_pixels, max_member_bytes=self.max_member_bytes,
             )
             if self.trainer is not None:
                 stream.set_distributed(self.trainer.global_rank, self.trainer.world_size)

@@ -1,14 +1,31 @@
-"""Shard lists: brace patterns, globs and URLs, expanded and checked before any work starts."""
+"""Shard lists (brace patterns, globs and URLs, expanded and checked before any work starts) and
+reading one shard as raw samples.
+
+A shard written by the kit (:class:`kelix.data.writer.ShardSink`) is listed with its sample count
+in ``{prefix}.manifest.json`` beside it; when such a manifest is present the reader checks the
+count, so a tar cut exactly at a member boundary (which reads as a valid, shorter tar) is reported.
+"""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
+import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+from kelix.data.decode import is_wanted
+from kelix.data.schema import SampleError
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_VERSION = 1
+DEFAULT_MAX_MEMBER_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -78,3 +95,93 @@ def as_sources(spec) -> list[Source]:
     if not out:
         raise ValueError("no data source given")
     return out
+
+
+# -- manifests: sample counts of the shards the kit wrote
+def read_manifests(urls: list[str]) -> dict[str, int]:
+    """Expected sample count of each local shard in ``urls`` listed in a ``*.manifest.json`` beside it."""
+    by_dir: dict[str, dict[str, int]] = {}
+    out = {}
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            continue
+        d = os.path.dirname(url) or "."
+        if d not in by_dir:
+            by_dir[d] = {}
+            for path in sorted(glob.glob(os.path.join(glob.escape(d), "*" + MANIFEST_SUFFIX))):
+                by_dir[d].update(load_manifest(path))
+        n = by_dir[d].get(os.path.basename(url))
+        if n is not None:
+            out[url] = n
+    return out
+
+
+def load_manifest(path: str) -> dict[str, int]:
+    """``{shard file name: samples}`` of one manifest; a malformed one fails naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+        if m.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"version {m.get('version')!r} is not {MANIFEST_VERSION}")
+        return {str(k): int(v["samples"]) for k, v in m["shards"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"shard manifest {path}: cannot be read ({type(e).__name__}: {e}); fix or delete it") from e
+
+
+# -- reading one shard
+def _members(url: str, max_member_bytes: int) -> Iterator[tuple[str, bytes | None, int]]:
+    """``(name, data, size)`` of the wanted regular members; ``data`` is None for a member over the cap.
+
+    Own tar loop rather than webdataset's ``tar_file_iterator``: the size check needs the member's
+    header before its data is read (the stream skips an oversized member without holding it).
+    """
+    with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg() and is_wanted(info.name):
+                big = info.size > max_member_bytes
+                yield info.name, None if big else tar.extractfile(info).read(), info.size
+            tar.members = []  # a stream: keep no member history
+
+
+def read_shard(url: str, start: int = 0, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+               expected: int | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield ``(index, raw_sample)`` of one shard from sample ``start`` on, pickle members unread.
+
+    A raw sample is ``{"__key__", "__url__", field: bytes...}``. A sample that cannot be used whole
+    carries ``"__error__": (reason, message)`` instead of its fields and keeps its index, so the
+    indices of the others never move: a key seen before in the shard (``duplicate_key``; the first
+    one is kept), a member larger than ``max_member_bytes`` (``oversized_member``). With
+    ``expected`` (the manifest's count), a shard that ends early raises
+    :class:`SampleError` ``truncated_shard`` after its last sample.
+    """
+    seen: set[str] = set()
+    n, current, suffixes = 0, None, set()
+    for name, data, size in _members(url, max_member_bytes):
+        key, suffix = base_plus_ext(name)
+        if key is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or key != current["__key__"] or suffix in suffixes:
+            if current is not None:
+                if n >= start:
+                    yield n, current
+                n += 1
+            current, suffixes = {"__key__": key, "__url__": url}, set()
+            if key in seen:  # webdataset raises here, which would lose the rest of the shard
+                current["__error__"] = ("duplicate_key", f"key {key!r} appears again in the shard (member {name})")
+            seen.add(key)
+        suffixes.add(suffix)
+        if "__error__" in current:
+            continue
+        if data is None:
+            current = {"__key__": key, "__url__": url, "__error__": (
+                "oversized_member", f"member {name} is {size} bytes, over max_member_bytes = {max_member_bytes}")}
+            continue
+        current[suffix] = data
+    if current is not None:
+        if n >= start:
+            yield n, current
+        n += 1
+    if expected is not None and n != expected:
+        raise SampleError("truncated_shard", f"{url}: {n} sample(s) but its manifest lists {expected}: the shard was "
+                                             "cut short (or rewritten); rewrite it")

@@ -12,8 +12,10 @@ Each consumer (one dataloader worker on one rank) reads its own share of every s
   state is a handful of counters plus the buffer's sample locations (:meth:`ShardStream.state_dict`).
   Restoring re-reads only the shards still referenced by the buffer.
 
-Bad samples (corrupt image, bad JSON, missing image, unreadable shard...) are skipped, counted in
-``stats`` and logged; the stream goes on.
+Bad samples (corrupt image, bad JSON, missing image, duplicate key, oversized member, image over the
+pixel limit, unreadable or truncated shard...) are skipped, counted in ``stats`` and logged; the
+stream goes on. A sample the processor drops is replaced by the next one *of the same source*, so
+the mixture weights are the shares of the samples the model gets, not of the samples read.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from kelix.data.decode import decode_fields, is_wanted
+from kelix.data.decode import DEFAULT_MAX_PIXELS, decode_fields
 from kelix.data.schema import SampleError, parse_sample
-from kelix.data.shards import Source, as_sources
+from kelix.data.shards import DEFAULT_MAX_MEMBER_BYTES, Source, as_sources, read_manifests, read_shard
+
+__all__ = ["ShardStream", "read_shard", "uniform"]
 
 log = logging.getLogger("kelix.data")
 STATE_VERSION = 1
@@ -41,20 +43,6 @@ def uniform(*key: int) -> float:
     """Deterministic uniform number in [0, 1) from integer keys (a counter-based RNG)."""
     digest = hashlib.blake2b(struct.pack(f"<{len(key)}q", *key), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
-
-
-def read_shard(url: str, start: int = 0) -> Iterator[tuple[int, dict]]:
-    """Yield ``(index, raw_sample)`` of one shard from sample ``start`` on, pickle members unread."""
-
-    def files():
-        with gopen(url, "rb") as stream:
-            for f in tar_file_iterator(stream, select_files=is_wanted):
-                f["__url__"] = url
-                yield f
-
-    for i, sample in enumerate(group_by_keys(files())):
-        if i >= start:
-            yield i, sample
 
 
 class _SourceCursor:
@@ -153,14 +141,25 @@ class ShardStream(IterableDataset):
         repeat: start a new epoch when a source runs out (training); False ends the stream
             when all sources are exhausted (evaluation).
         attach_stats: yield ``(item, stats)`` pairs so a collate function can report skip counts.
+        max_image_pixels: images with more pixels are skipped from their header, never decoded
+            (``too_many_pixels``; decompression bombs).
+        max_member_bytes: a sample with a larger tar member is skipped without reading it
+            (``oversized_member``).
     """
 
     def __init__(self, sources, processor: Callable | None = None, seed: int = 0, shuffle_buffer: int = 1000,
-                 shuffle_shards: bool = True, repeat: bool = True, attach_stats: bool = False):
+                 shuffle_shards: bool = True, repeat: bool = True, attach_stats: bool = False,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         self.sources = as_sources(sources)
         for s in self.sources:
             if not s.urls:
                 s.expand()
+        if max_image_pixels < 1 or max_member_bytes < 1:
+            raise ValueError(f"max_image_pixels ({max_image_pixels}) and max_member_bytes ({max_member_bytes}) "
+                             "must be >= 1")
+        self.max_image_pixels, self.max_member_bytes = max_image_pixels, max_member_bytes
+        # sample counts of kit-written shards (their manifests), checked when a shard is read to its end
+        self.expected = read_manifests([u for s in self.sources for u in s.urls])
         self.processor, self.seed = processor, seed
         self.shuffle_buffer, self.shuffle_shards, self.repeat = shuffle_buffer, shuffle_shards, repeat
         self.attach_stats = attach_stats
@@ -199,6 +198,7 @@ class ShardStream(IterableDataset):
     def _skip(self, reason: str, message: str):
         self.stats[f"skipped/{reason}"] += 1
         n = self.stats[f"skipped/{reason}"]
+        self._last_skip = message
         if n <= 10 or n % 1000 == 0:
             log.warning("skipped sample (%s, #%d): %s", reason, n, message)
         skipped = sum(v for k, v in self.stats.items() if k.startswith("skipped/"))
@@ -208,14 +208,20 @@ class ShardStream(IterableDataset):
     def _guard_shard(self, url: str, start: int) -> Iterator[tuple[int, dict]]:
         """read_shard, turning an unreadable or truncated shard into a counted skip."""
         try:
-            yield from read_shard(url, start)
+            yield from read_shard(url, start, self.max_member_bytes, self.expected.get(url))
+        except SampleError as e:
+            self._skip(e.reason, str(e))
         except Exception as e:  # noqa: BLE001
             self._skip("unreadable_shard", f"{url}: {type(e).__name__}: {e}")
 
     def _prepare(self, raw: dict):
         shard, key = raw.get("__url__", "?"), raw.get("__key__", "?")
+        if "__error__" in raw:  # the shard reader's verdict (duplicate key, oversized member)
+            reason, message = raw["__error__"]
+            self._skip(reason, f"{shard}:{key}: {message}")
+            return None
         try:
-            sample = parse_sample(decode_fields(raw, shard, key), shard, key)
+            sample = parse_sample(decode_fields(raw, shard, key, self.max_image_pixels), shard, key)
             item = self.processor(sample) if self.processor is not None else sample
             if item is None:
                 raise SampleError("filtered", f"{shard}:{key}: dropped by the processor")
@@ -224,6 +230,23 @@ class ShardStream(IterableDataset):
             self._skip(e.reason, str(e))
         except Exception as e:  # noqa: BLE001 - a processor bug on one sample must not end the run
             self._skip("processor_error", f"{shard}:{key}: {type(e).__name__}: {e}")
+        return None
+
+    def _next_kept(self, c: _SourceCursor):
+        """The next sample of ``c``'s source that decodes and passes the processor; None when exhausted.
+
+        A skipped sample is replaced from the same source (not by a new mixture draw), so a source
+        whose processor drops half its samples still gets its weight's share of the batches.
+        """
+        label, rejected = self.sources[c.index].label, 0
+        while (got := c.next()) is not None:
+            item = self._prepare(got[1])
+            if item is not None:
+                return item
+            rejected += 1
+            if rejected >= 200 and self.stats[f"source/{label}"] == 0:
+                raise RuntimeError(f"data source {label!r}: the first {rejected} samples read were all skipped; "
+                                   f"the last one: {self._last_skip}")
         return None
 
     # -- iteration
@@ -248,11 +271,8 @@ class ShardStream(IterableDataset):
                 u -= self.sources[c.index].weight
                 if u < 0:
                     break
-            got = c.next()
-            if got is None:
-                continue
-            item = self._prepare(got[1])
-            if item is None:
+            item = self._next_kept(c)
+            if item is None:  # the source is exhausted
                 continue
             self.stats["samples"] += 1
             self.stats[f"source/{self.sources[c.index].label}"] += 1

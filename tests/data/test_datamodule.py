@@ -24,9 +24,10 @@ class ColorFeatures(Processor):
 def test_fit_on_synthetic_shards_counts_bad_samples_in_tensorboard(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     good = {"segments": [{"type": "image", "image": "0.jpg"}, {"type": "text", "text": "x"}]}
+    # a source with some good samples among the bad (one that yields nothing at all stops the run)
     bad = write_shard(tmp_path / "bad.tar", [
         {"__key__": f"c{i}", "json": good, "0.jpg": jpeg_bytes()[:50]} for i in range(3)] + [
-        {"__key__": "j", "json": b"{oops"}])
+        {"__key__": "j", "json": b"{oops"}] + [{"__key__": f"g{i}", "json": good, "0.jpg": jpeg_bytes()} for i in range(2)])
     cfg = {
         "model": {"class_path": "tests.test_cli.TinyRegressor",
                   "init_args": {"optim": {"lr": 0.05, "schedule": "constant"}}},

@@ -1,3 +1,4 @@
+import itertools
 import os
 from collections import Counter
 
@@ -52,6 +53,50 @@ def test_mixture_weights_are_respected(tmp_path):
     frac_a = sum(k.startswith("a") for k in keys) / len(keys)
     assert abs(frac_a - 0.75) < 0.03
     assert s.stats["source/a"] + s.stats["source/b"] == 4000
+
+
+class DropHalfOfA(KeyOnly):
+    """Drops every odd sample of source ``a`` (a filter such as the aspect-ratio rule)."""
+
+    def __call__(self, sample):
+        return None if sample.key.startswith("a") and int(sample.key[-1]) % 2 else sample.key
+
+
+def test_mixture_weights_are_shares_of_kept_samples_when_a_source_is_filtered(tmp_path):
+    a = make_text_shards(tmp_path, "a", 2, 50)
+    b = make_text_shards(tmp_path, "b", 2, 50)
+    make = lambda: ShardStream([Source(a, weight=1.0, name="a"), Source(b, weight=1.0, name="b")],  # noqa: E731
+                               processor=DropHalfOfA(), shuffle_buffer=16, repeat=True, seed=3)
+    s = make()
+    it = iter(s)
+    keys = [next(it) for _ in range(4000)]
+    frac_a = sum(k.startswith("a") for k in keys) / len(keys)
+    assert abs(frac_a - 0.5) < 0.03  # counting raw draws, a would get 1/3
+    assert s.stats["skipped/filtered"] == pytest.approx(sum(k.startswith("a") for k in keys), rel=0.1)
+    # still deterministic and resumable
+    first = make()
+    it = iter(first)
+    head = [next(it) for _ in range(1234)]
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)
+    assert head + [next(it) for _ in range(4000 - 1234)] == keys
+
+
+def test_a_source_whose_samples_are_all_dropped_fails_naming_it(tmp_path):
+    a = make_text_shards(tmp_path, "a", 1, 300)
+    b = make_text_shards(tmp_path, "b", 1, 300)
+
+    class DropA(KeyOnly):
+        def __call__(self, sample):
+            return None if sample.key.startswith("a") else sample.key
+
+    # b first (most draws): the whole stream has kept samples when a's first draw comes
+    s = ShardStream([Source(a, weight=1, name="a"), Source(b, weight=50, name="b")], processor=DropA(),
+                    shuffle_buffer=1, seed=1)
+    with pytest.raises(RuntimeError, match="data source 'a': the first 200 samples read were all skipped.*dropped"):
+        list(itertools.islice(s, 10_000))
+    assert 0 < s.stats["source/b"] < 10_000
 
 
 def test_shuffle_is_deterministic_by_seed_and_changes_order(tmp_path):

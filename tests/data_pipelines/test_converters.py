@@ -64,3 +64,25 @@ def test_image_folder_converts_captions(tmp_path):
     assert [(x.task, x.turns[0].parts[1].text) for x in samples] == [("caption", "a red square"),
                                                                      ("caption", "a green square")]
     assert samples[1].images[0].pixels.getpixel((0, 0)) == (0, 128, 0)
+
+
+def test_image_folder_names_that_share_a_key_all_become_distinct_samples(tmp_path):
+    d = tmp_path / "photos"
+    d.mkdir()
+    colors = {"a.jpg": (250, 0, 0), "a.png": (0, 250, 0), "a b.png": (0, 0, 250), "a_b.png": (250, 250, 0),
+              "a-1.png": (0, 250, 250)}
+    for name, color in colors.items():
+        Image.new("RGB", (16, 16), color).save(d / name)
+        (d / (name.rsplit(".", 1)[0] + ".txt")).write_text(f"caption of {name.rsplit('.', 1)[0]}")
+    assert image_folder_to_shards.convert(str(d), str(tmp_path / "out")) == {"written": 5, "skipped": 0}
+    samples, stats = read_all(str(tmp_path / "out" / "*.tar"))
+    assert not [k for k in stats if k.startswith("skipped/")]
+    assert len({x.key for x in samples}) == 5
+    by_source = {x.meta["source"]: x for x in samples}
+    assert sorted(by_source) == sorted(colors)
+    for name, color in colors.items():  # every image kept, with its own pixels and caption
+        x = by_source[name]
+        assert all(abs(c - w) <= 4 for c, w in zip(x.images[0].pixels.getpixel((8, 8)), color)), name
+        assert x.turns[0].parts[1].text == f"caption of {name.rsplit('.', 1)[0]}"
+    assert image_folder_to_shards.unique_keys(["a b.jpg", "a_b.jpg", "a.jpg", "a.png", "a-1.png"]) == [
+        "a_b", "a_b-1", "a", "a-1", "a-1-1"]
