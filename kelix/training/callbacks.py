@@ -12,8 +12,12 @@ class DataHealth(pl.Callback):
     """Log the data stream's counts (samples read, skipped per reason, per source) to TensorBoard.
 
     Each batch carries its worker's running totals (``batch["data_stats"]``); the totals of every
-    worker seen so far are summed per rank and then over ranks when logged.
+    worker seen so far are summed per rank, then over ranks in one gather: ranks see different
+    reasons and sources in different orders, so a per-key all-reduce would pair up the wrong
+    counters (or wait forever for a key another rank never logs).
     """
+
+    ALWAYS = ("skipped/corrupt_image", "skipped/bad_json", "skipped/missing_image", "skipped/unreadable_shard")
 
     def __init__(self):
         self.totals: dict[int, dict] = {}
@@ -26,14 +30,24 @@ class DataHealth(pl.Callback):
         self.totals[int(stats.pop("consumer", 0))] = stats
         if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
             return
-        summed: dict[str, float] = {}
+        summed: dict[str, float] = dict.fromkeys(self.ALWAYS, 0.0)
         for s in self.totals.values():
             for k, v in s.items():
                 summed[k] = summed.get(k, 0) + v
-        for k in ("skipped/corrupt_image", "skipped/bad_json", "skipped/missing_image", "skipped/unreadable_shard"):
-            summed.setdefault(k, 0)
-        for k, v in summed.items():
-            pl_module.log(f"data/{k}", float(v), on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
+        for k, v in sorted(_sum_over_ranks(summed).items()):
+            pl_module.log(f"data/{k}", float(v), on_step=True, on_epoch=False, sync_dist=False)
+
+
+def _sum_over_ranks(counts: dict[str, float]) -> dict[str, float]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return counts
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, counts)
+    out: dict[str, float] = {}
+    for c in gathered:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 class Throughput(pl.Callback):
