@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=None, help="answer length cap (default: the benchmark's)")
     r.add_argument("--samples", type=int, default=None, help="images per prompt (generation; GenEval default 4)")
     r.add_argument("--seed", type=int, default=0, help="generation seed of prompt row 0 (row i: seed + i)")
+    r.add_argument("--temperature", type=float, default=0.0, help="answer sampling temperature (default 0: greedy)")
     r.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     r.add_argument("--dtype", default=None, help="e.g. bfloat16")
     s = sub.add_parser("score", help="score existing predictions without a model")
@@ -105,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
             with contextlib.redirect_stdout(sys.stderr):  # loaders print progress; stdout keeps the summary
                 pipe = KelixPipeline.from_pretrained(a.pipeline, device=a.device, dtype=a.dtype)
-            result = run(PipelineModel(pipe), bench, items, a.out, a.data, a.batch_size, a.max_new_tokens, a.seed)
+            from kelix.llm.generate import Sampling
+
+            sampling = Sampling(temperature=a.temperature, seed=a.seed) if a.temperature else None
+            result = run(PipelineModel(pipe, sampling), bench, items, a.out, a.data, a.batch_size, a.max_new_tokens,
+                         a.seed)
     except (DataError, ValueError, FileNotFoundError, JudgeError) as e:
         print(f"kelix eval: {e}", file=sys.stderr)
         return 2

@@ -155,3 +155,18 @@ def test_list(capsys):
     out = capsys.readouterr().out
     for name in ("mmbench-en", "mmbench-cn", "textvqa", "chartqa", "ocrbench", "geneval", "synthetic-t2i"):
         assert f"\n{name} " in out
+
+
+def test_sampled_answers_follow_temperature_and_seed(pipeline_dir, pipe, bench_dir, tmp_path):
+    from kelix.eval.runner import _load
+    from kelix.llm.generate import Sampling
+
+    args = ["eval", "run", "--pipeline", pipeline_dir, "--benchmark", "synthetic-ocr", "--data", bench_dir,
+            "--limit", "3", "--temperature", "1.5", "--seed", "4"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    got = [r["prediction"] for r in _lines(tmp_path / "a" / "predictions.jsonl")]
+    bench = get_benchmark("synthetic-ocr")
+    items = bench.read(bench_dir)[:3]
+    reqs = [(_load(it, bench_dir), it.prompt) for it in items]
+    assert got == PipelineModel(pipe, Sampling(temperature=1.5, seed=4)).answer(reqs, bench.max_new_tokens)
+    assert got != PipelineModel(pipe).answer(reqs, bench.max_new_tokens)  # not the greedy answers
