@@ -2,9 +2,9 @@
 
 * Every checkpoint is written to ``<name>.tmp`` and moved into place once complete, so a ``kill -9``
   or a node failure mid-write never leaves a half-written ``last.ckpt`` (file or sharded
-  directory). A directory cannot replace another atomically: the previous one is moved to
-  ``<name>.old`` first and deleted last; :func:`find_last_checkpoint` falls back to it if the
-  process died in between.
+  directory); the data is fsynced before the rename and the directory after it. A directory
+  cannot replace another atomically: the previous one is moved to ``<name>.old`` first and deleted
+  last; :func:`find_last_checkpoint` falls back to it if the process died in between.
 * SIGTERM (preemption: SLURM, Kubernetes, spot instances) sets a flag; at the end of the next
   optimizer step every rank agrees on it, ``last`` is saved and the run exits with status 143.
 """
@@ -21,6 +21,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from kelix.data.writer import fsync_path
+
 log = logging.getLogger("kelix.training")
 LAST = "last.ckpt"
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
@@ -33,16 +35,36 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+def _sync_tree(path: str) -> None:
+    """fsync a file, or every file and directory under ``path`` (DCP already syncs its shards; syncing
+    a clean file again is cheap, and meta.pt and single-file checkpoints are written without it)."""
+    if not os.path.isdir(path):
+        fsync_path(path)
+        return
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
 def move_into_place(tmp: str, final: str) -> None:
-    """Replace ``final`` by the complete ``tmp`` (a file: atomically; a directory: via ``final.old``)."""
+    """Replace ``final`` by the complete ``tmp`` (a file: atomically; a directory: via ``final.old``).
+
+    ``tmp`` is synced to disk before it is renamed and the parent directory after: otherwise a power
+    loss or node crash can leave the new name pointing at data that never reached the disk.
+    """
+    _sync_tree(tmp)
+    parent = os.path.dirname(os.path.abspath(final))
     if os.path.isfile(tmp) and not os.path.isdir(final):
         os.replace(tmp, final)  # atomic on POSIX
+        fsync_path(parent)
         return
     old = final + ".old"
     if os.path.lexists(final):
         _remove(old)
         os.replace(final, old)  # from here until the next line only `old` is complete: resume picks it
     os.replace(tmp, final)
+    fsync_path(parent)
     _remove(old)
 
 

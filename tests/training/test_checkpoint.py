@@ -36,6 +36,44 @@ def test_a_sharded_directory_is_swapped_and_the_old_one_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
 
 
+@pytest.fixture
+def disk_events(monkeypatch):
+    """``("fsync", path)`` and ``("replace", src, dst)`` in the order they happen."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    return events
+
+
+def test_a_checkpoint_file_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, disk_events):
+    final, tmp = tmp_path / "last.ckpt", tmp_path / "last.ckpt.tmp"
+    torch.save({"w": torch.arange(3)}, tmp)
+    move_into_place(str(tmp), str(final))
+    assert disk_events == [("fsync", str(tmp)), ("replace", str(tmp), str(final)), ("fsync", str(tmp_path))]
+
+
+def test_every_file_of_a_sharded_checkpoint_is_synced_before_the_swap(tmp_path, disk_events):
+    final, tmp = tmp_path / "last.ckpt", tmp_path / "last.ckpt.tmp"
+    sharded_dir(final, "old")
+    sharded_dir(tmp, "new")
+    move_into_place(str(tmp), str(final))
+    first_replace = next(i for i, e in enumerate(disk_events) if e[0] == "replace")
+    synced_before = {e[1] for e in disk_events[:first_replace]}
+    assert synced_before == {str(tmp / n) for n in (".metadata", "__0_0.distcp", "meta.pt")} | {str(tmp)}
+    assert disk_events[first_replace:] == [("replace", str(final), str(final) + ".old"),
+                                           ("replace", str(tmp), str(final)), ("fsync", str(tmp_path))]
+
+
 def test_resume_never_picks_a_half_written_checkpoint(tmp_path):
     # killed mid-write: only the .tmp is incomplete, last.ckpt is the previous complete one
     sharded_dir(tmp_path / "last.ckpt", "complete")
