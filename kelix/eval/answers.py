@@ -68,8 +68,10 @@ _COMMA_NUMBER = re.compile(r"(\d),(\d)")
 
 
 def normalize_answer(text: str) -> str:
-    """The VQA evaluation's normalisation: lower case, punctuation, number words, articles, contractions."""
-    text = str(text).replace("\n", " ").replace("\t", " ").strip().lower()
+    """The VQA evaluation's normalisation (TextVQA's EvalAI answer processor): lower case, commas and question
+    marks dropped, punctuation, number words, articles, contractions."""
+    text = str(text).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
     # punctuation next to a space (or a digit group comma) is dropped, elsewhere it separates words
     keep_join = _COMMA_NUMBER.search(text) is not None
     out = text
