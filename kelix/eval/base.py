@@ -114,6 +114,10 @@ class Benchmark:
     def score_item(self, item: Item, prediction: str) -> dict[str, float]:
         raise NotImplementedError
 
+    def limit(self, items: list[Item], n: int | None) -> list[Item]:
+        """The first ``n`` items (``--limit``)."""
+        return items if n is None else items[:n]
+
     def check_images(self, items: list[Item], data: str) -> None:
         """Decode every image once, so a broken one stops the run before the model loads."""
         for it in items:

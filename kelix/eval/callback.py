@@ -61,7 +61,7 @@ class EvalCallback(pl.Callback):
                 if n in SYNTHETIC and not os.path.isdir(os.path.join(self.data, n)):
                     write_benchmark(n, self.data, self.limit)
                 bench = get_benchmark(n)
-                items = bench.read(self.data)[: self.limit]
+                items = bench.limit(bench.read(self.data), self.limit)
                 bench.check_images(items, self.data)
                 out.append((bench, items, [(_load(it, self.data), it.prompt) for it in items]))
             self._benches = out

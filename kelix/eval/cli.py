@@ -23,7 +23,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", required=True, help="benchmark name (kelix eval list)")
     p.add_argument("--data", required=True, help="the benchmark's file (or folder) in its published format")
     p.add_argument("--images", default=None, help="image folder, for benchmarks whose files name images by path")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (MMBench: N questions, all rotations)")
     p.add_argument("--out", required=True, help="output directory (predictions.jsonl, scores.json, scores.md)")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint (.../v1) for the benchmarks whose "
                    "reference uses a judge (MCQ fallback, MathVista extraction; key from $OPENAI_API_KEY)")
@@ -61,8 +61,7 @@ def _items(a):
             raise ValueError("give both --judge-url and --judge-model")
         bench.judge = Judge(a.judge_url, a.judge_model)
     items = bench.read(a.data, a.images)
-    if a.limit is not None:
-        items = items[: a.limit]
+    items = bench.limit(items, a.limit)
     bench.check_images(items, a.data)
     return bench, items
 

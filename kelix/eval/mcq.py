@@ -90,6 +90,13 @@ class MMBench(MultipleChoice):
             return items  # the file holds its rotations
         return [x for it in items for x in (it, *rotations(it))]
 
+    def limit(self, items, n):
+        """The first ``n`` questions with all their rotations (a partial group would score wrongly)."""
+        if n is None:
+            return items
+        keep = list(dict.fromkeys(it.id % ROTATION for it in items))[:n]
+        return [it for it in items if it.id % ROTATION in set(keep)]
+
     def aggregate(self, items, scores, predictions):
         groups: dict[int, list[float]] = defaultdict(list)
         category, vanilla = {}, []

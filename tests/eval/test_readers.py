@@ -56,6 +56,7 @@ def test_mmbench_builds_rotations_and_scores_circularly(tmp_path):
     out = scores_of(bench, items, fixed)
     assert out["overall"] == {"acc": 0.5, "vanilla_acc": 1.0}  # right on the original, wrong once rotated
     assert out["per_category"] == {"animal": {"acc": 0.0}, "colour": {"acc": 1.0}}
+    assert [it.id for it in bench.limit(items, 1)] == [0, 1_000_000, 2_000_000, 3_000_000]  # --limit: whole questions
 
 
 def test_mmbench_file_with_its_own_rotations_and_shared_images(tmp_path):
