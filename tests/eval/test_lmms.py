@@ -151,10 +151,22 @@ def _teacher_forced(lm, doc, ids):
 
 
 def test_registration():
+    import importlib
+    import pathlib
+
     from lmms_eval import models
 
     from kelix.eval import lmms
 
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    # the entry point lmms-eval loads once the package is installed: pyproject names manifest()
+
+    project = tomllib.loads((pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    target = project["entry-points"]["lmms_eval.models"]["kelix"]
+    module, func = target.split(":")
+    manifest = getattr(importlib.import_module(module), func)()
+    assert manifest.model_id == "kelix" and manifest.chat_class_path == "kelix.eval.lmms.KelixLMMS"
+    assert any("lmms-eval" in d for d in project["optional-dependencies"]["eval"])
     lmms.register()
     assert models.get_model("kelix") is lmms.KelixLMMS
     assert models.get_model("kelix", force_simple=True) is lmms.KelixLMMSSimple
