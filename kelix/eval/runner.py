@@ -104,7 +104,8 @@ def run(model, bench: Benchmark, items: list[Item], out: str, data: str = "", ba
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()  # each answer survives an interruption
             bar.update(len(batch))
-    return score(bench, items, {k: r["prediction"] for k, r in read_predictions(path).items()}, out,
+    keys = {it.key for it in items}  # a smaller --limit than an earlier run's scores only its own items
+    return score(bench, items, {k: r["prediction"] for k, r in read_predictions(path).items() if k in keys}, out,
                  write_predictions=False)
 
 

@@ -54,6 +54,8 @@ def test_run_scores_resumes_and_rescoring_agrees(bench_dir, tmp_path):
     again = run(model, bench, items, str(out), bench_dir, batch_size=2, progress=False)
     assert model.asked == [it.prompt for it in items[-2:]]  # only the missing items
     assert again == first and len(_lines(out / "predictions.jsonl")) == len(items)
+    fewer = run(model, bench, items[:2], str(out), bench_dir, progress=False)  # a smaller --limit on the same run
+    assert fewer["count"] == 2 and fewer["missing"] == 0
 
     # score: from {"id", "prediction"} only, without a model
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"id": r["id"], "prediction": r["prediction"]}) + "\n"
