@@ -78,9 +78,11 @@ class KelixPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | None = None, *, tokenizer: str | None = None, llm: str | None = None,
-                        dit: str | None = None, device: str | torch.device = "cpu", dtype: str | None = None,
+                        dit: str | bool | None = None, device: str | torch.device = "cpu", dtype: str | None = None,
                         **config) -> KelixPipeline:
-        """Load from a pipeline directory (``pipeline.json``), or from the three part directories."""
+        """Load from a pipeline directory (``pipeline.json``), or from the three part directories.
+
+        ``dit=False`` leaves the DiT unloaded (understanding only: faster, and diffusers is not imported)."""
         from kelix.llm.model import KelixLM
         from kelix.tokenizer.model import KelixTokenizer
 
@@ -93,9 +95,12 @@ class KelixPipeline:
                 saved = json.load(f)
             tokenizer = tokenizer or os.path.join(path, saved["tokenizer"])
             llm = llm or os.path.join(path, saved["llm"])
-            dit = dit or (os.path.join(path, saved["dit"]) if saved.get("dit") else None)
+            if dit is None and saved.get("dit"):
+                dit = os.path.join(path, saved["dit"])
         if tokenizer is None or llm is None:
             raise ValueError("give a pipeline directory, or at least tokenizer= and llm= directories")
+        if dit is False:
+            dit = None
         for name, p in (("tokenizer", tokenizer), ("llm", llm), ("dit", dit)):
             if p is not None and not os.path.isdir(p):
                 raise FileNotFoundError(f"{name} directory {p!r} does not exist")

@@ -117,3 +117,40 @@ def test_chat_and_generate_reach_the_terminal_without_warnings(pipe, picture, tm
     noise = [line for line in err.replace("\r", "\n").splitlines()
              if line.strip() and not any(k in line for k in ("blocks", "rendering", "Loading weights"))]
     assert noise == []
+
+
+def test_chat_leaves_the_pipelines_dit_unloaded(pipe, picture, tmp_path, monkeypatch, capsys):
+    """Understanding never touches the DiT: `kelix chat` and ``dit=False`` do not load it (nor diffusers)."""
+    import kelix.dit.export
+
+    pipe.save_pretrained(str(tmp_path / "pipe"))
+    picture.save(tmp_path / "in.png")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the DiT was loaded")
+
+    monkeypatch.setattr(kelix.dit.export, "load_detokenizer", refuse)
+    assert KelixPipeline.from_pretrained(str(tmp_path / "pipe"), dit=False).detokenizer is None
+    capsys.readouterr()
+    assert main(["chat", "--pipeline", str(tmp_path / "pipe"), "--image", str(tmp_path / "in.png"),
+                 "--max-new-tokens", "6", "Describe."]) == 0
+    assert capsys.readouterr().out.strip() == pipe.understand(picture, "Describe.", max_new_tokens=6)
+    with pytest.raises(AssertionError, match="the DiT was loaded"):  # generate still loads it
+        main(["generate", "--pipeline", str(tmp_path / "pipe"), "--out", str(tmp_path / "o.png"), "a cat"])
+
+
+def test_modules_are_hidden_only_while_loading():
+    import importlib
+    import sys
+
+    from kelix.pipeline_cli import _without
+
+    name = "tabnanny"  # a stdlib module nothing here imports
+    sys.modules.pop(name, None)
+    with _without(name, "json"):
+        with pytest.raises(ImportError):
+            importlib.import_module(name)
+        import json  # already imported: not hidden
+
+        assert json.loads("1") == 1
+    assert importlib.import_module(name).__name__ == name
