@@ -114,6 +114,9 @@ class Benchmark:
     def score_item(self, item: Item, prediction: str) -> dict[str, float]:
         raise NotImplementedError
 
+    def check_options(self) -> None:
+        """Raise ``ValueError`` for run options the benchmark cannot use (before the model loads)."""
+
     def limit(self, items: list[Item], n: int | None) -> list[Item]:
         """The first ``n`` items (``--limit``)."""
         return items if n is None else items[:n]

@@ -79,6 +79,19 @@ def _list() -> int:
     return 0
 
 
+def _model(a):
+    import torch
+
+    from kelix.eval.runner import PipelineModel
+    from kelix.llm.generate import Sampling
+    from kelix.pipeline import KelixPipeline
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with contextlib.redirect_stdout(sys.stderr):  # loaders print progress; stdout keeps the summary
+        pipe = KelixPipeline.from_pretrained(a.pipeline, device=device, dtype=a.dtype)
+    return PipelineModel(pipe, Sampling(temperature=a.temperature, seed=a.seed) if a.temperature else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.cmd == "list":
@@ -88,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from kelix.eval.runner import read_predictions, run, score
 
     try:
-        bench, items = _items(a)  # before any model loads
+        bench, items = _items(a)  # every file and image checked before any model loads
         if a.cmd == "score":
             preds = {k: r["prediction"] for k, r in read_predictions(a.predictions).items()}
             target = os.path.join(a.out, "predictions.jsonl")
@@ -96,23 +109,20 @@ def main(argv: list[str] | None = None) -> int:
             result = score(bench, items, preds, a.out, write_predictions=not same)  # a run's own file keeps its fields
         else:
             if a.samples is not None:
+                if a.samples < 1:
+                    raise ValueError(f"--samples {a.samples}: must be at least 1")
                 bench.samples = a.samples
-            import torch
-
-            from kelix.eval.runner import PipelineModel
-            from kelix.pipeline import KelixPipeline
-
-            a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            with contextlib.redirect_stdout(sys.stderr):  # loaders print progress; stdout keeps the summary
-                pipe = KelixPipeline.from_pretrained(a.pipeline, device=a.device, dtype=a.dtype)
-            from kelix.llm.generate import Sampling
-
-            sampling = Sampling(temperature=a.temperature, seed=a.seed) if a.temperature else None
-            result = run(PipelineModel(pipe, sampling), bench, items, a.out, a.data, a.batch_size, a.max_new_tokens,
-                         a.seed)
+            bench.check_options()
+            model = _model(a)
     except (DataError, ValueError, FileNotFoundError, JudgeError) as e:
         print(f"kelix eval: {e}", file=sys.stderr)
         return 2
+    if a.cmd == "run":
+        try:  # errors of the model itself keep their traceback
+            result = run(model, bench, items, a.out, a.data, a.batch_size, a.max_new_tokens, a.seed)
+        except (DataError, JudgeError) as e:
+            print(f"kelix eval: {e}", file=sys.stderr)
+            return 2
     overall = ", ".join(f"{k}={v:.4f}" for k, v in result["overall"].items()) or "images written (see manifest.json)"
     print(f"{bench.name}: {result['count']} item(s), {overall}; {a.out}/scores.md")
     return 0

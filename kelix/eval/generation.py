@@ -107,9 +107,12 @@ class DPGBench(_External):
             seen.setdefault(r["item_id"], Item(r["item_id"], r["text"].strip(), category=r.get("category_broad", "")))
         return list(seen.values())
 
-    def generate_item(self, model, item, out, seed):
+    def check_options(self):
         if self.samples != 4:
             raise ValueError(f"dpg-bench writes a 2x2 grid: --samples must be 4, not {self.samples}")
+
+    def generate_item(self, model, item, out, seed):
+        self.check_options()
         path = os.path.join(out, f"{item.key}.png")
         self._save([grid(model.render([item.prompt] * 4, seed=seed))], [path])
         return path

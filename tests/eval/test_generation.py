@@ -72,6 +72,10 @@ def test_dpg_bench_grid_from_csv_and_folder(tmp_path):
     folder.mkdir()
     (folder / "a1.txt").write_text("A red fox in snow.\n")
     assert [(it.id, it.prompt) for it in bench.read(str(folder))] == [("a1", "A red fox in snow.")]
+    from kelix.cli import main
+
+    assert main(["eval", "run", "--pipeline", "nowhere", "--benchmark", "dpg-bench", "--data", str(csv),
+                 "--out", str(tmp_path / "o"), "--samples", "2"]) == 2  # refused before any model loads
     (tmp_path / "bad.csv").write_text("item,text\nx,y\n")
     with pytest.raises(DataError, match=r"bad.csv field 'item_id': missing column"):
         bench.read(str(tmp_path / "bad.csv"))
