@@ -53,7 +53,7 @@ def test_geneval_layout_seeds_and_resume(tmp_path):
     assert result["overall"] == {} and "own scorer" in (out / "scores.md").read_text()
 
 
-def test_dpg_bench_grid_from_csv_and_folder(tmp_path):
+def test_dpg_bench_grid_from_csv_and_folder(tmp_path, capsys):
     csv = tmp_path / "dpg_bench.csv"
     csv.write_text("item_id,text,keywords,proposition_id,dependency,category_broad,category_detailed,tuple,"
                    "question_natural_language\n"
@@ -76,6 +76,7 @@ def test_dpg_bench_grid_from_csv_and_folder(tmp_path):
 
     assert main(["eval", "run", "--pipeline", "nowhere", "--benchmark", "dpg-bench", "--data", str(csv),
                  "--out", str(tmp_path / "o"), "--samples", "2"]) == 2  # refused before any model loads
+    assert capsys.readouterr().err.strip() == "kelix eval: dpg-bench writes a 2x2 grid: --samples must be 4, not 2"
     (tmp_path / "bad.csv").write_text("item,text\nx,y\n")
     with pytest.raises(DataError, match=r"bad.csv field 'item_id': missing column"):
         bench.read(str(tmp_path / "bad.csv"))
