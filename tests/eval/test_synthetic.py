@@ -126,3 +126,16 @@ def test_bad_rows_are_named(tmp_path):
     items = get_benchmark("synthetic-vqa").read(str(tmp_path))
     with pytest.raises(ValueError, match=r"row 0 field 'image': image does not decode"):
         get_benchmark("synthetic-vqa").check_images(items, str(tmp_path))
+
+
+def test_make_synthetic_writes_the_benchmarks(tmp_path):
+    from kelix.cli import main
+
+    out = tmp_path / "data"
+    assert main(["make-synthetic", "--out", str(out), "--tasks", "text", "--shards-per-task", "1",
+                 "--samples-per-shard", "2", "--benchmarks", "3"]) == 0
+    write_benchmark("synthetic-vqa", str(tmp_path / "ref"), n=3)
+    for name in ("synthetic-vqa", "synthetic-ocr", "synthetic-t2i"):
+        assert len(get_benchmark(name).read(str(out / "benchmarks"))) == 3
+    assert (out / "benchmarks" / "synthetic-vqa" / "data.jsonl").read_text() == \
+        (tmp_path / "ref" / "synthetic-vqa" / "data.jsonl").read_text()  # the same split, whatever --seed
