@@ -1,4 +1,4 @@
-"""The one sample schema shared by every task (see DESIGN.md, "Data").
+"""The one sample schema shared by every task (see docs/architecture.md, "The sample schema").
 
 A shard sample is ``{key}.json`` plus the images it names (``{key}.0.jpg``...) and, optionally,
 pre-tokenized code grids (``{key}.0.codes.npy``). The JSON holds either

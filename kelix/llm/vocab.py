@@ -6,7 +6,7 @@ Layout of the LLM's embedding table and LM head (rows)::
                                                padded up to the backbone's original row count)
     [visual_offset + j*K, visual_offset + (j+1)*K)   sub-codebook j (j = 0..N-1)
 
-Code ``c`` of sub-codebook ``j`` is id ``visual_offset + j*K + c`` (DESIGN.md, "Interfaces").
+Code ``c`` of sub-codebook ``j`` is id ``visual_offset + j*K + c`` (docs/architecture.md, "Interfaces").
 The specials (``<|eob|>``, ``<|vision_start|>``, ``<|vision_end|>``, ``<|mm_pos_start|>``,
 ``<|mm_pos_end|>`` and the ChatML ``<|im_start|>``/``<|im_end|>``) are text-tokenizer tokens, so they
 sit below ``visual_offset``; visual ids are never tokenizer entries (65,536 added tokens would slow
