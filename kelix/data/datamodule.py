@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 from collections import deque
+from collections.abc import Callable
 from typing import Literal
 
 import lightning.pytorch as pl
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from kelix.data.decode import DEFAULT_MAX_PIXELS
-from kelix.data.processor import CollateWithStats, Processor
+from kelix.data.processor import CollateWithStats, Processor, as_padding
 from kelix.data.shards import DEFAULT_MAX_MEMBER_BYTES, Source, as_sources
 from kelix.data.stream import ShardStream, uniform
 from kelix.data.synthetic import SyntheticData
@@ -40,9 +42,12 @@ class ShardLoader(StatefulDataLoader):
     restart: bool = False
     track: bool = False
     pinned: bool = False
+    even_out: tuple[Callable, Callable] | None = None  # (any_left, first_batch) of _EvenBatches
 
     def __iter__(self):
         it = super().__iter__()
+        if self.even_out is not None:
+            return _EvenBatches(it, *self.even_out)
         if not self.track:
             return it
         self._consumed = self._yielded = 0
@@ -91,6 +96,44 @@ class _TrackedIter:
         return getattr(self.it, name)
 
 
+class _EvenBatches:
+    """One rank's evaluation batches, padded so that every rank yields as many (the most any has).
+
+    Under FSDP2 every forward is a collective, so a rank that stops while another still has batches
+    leaves it waiting forever. Before each batch the ranks agree (one all-reduce of a flag) whether
+    any still has one; a rank that has run out yields its last batch again, marked as padding
+    (:func:`~kelix.data.processor.is_padding`), which the module runs and counts for nothing, so
+    every metric is the one over the real batches. A rank with no batch at all pads with
+    ``first_batch()`` (the first batch of the unsplit data).
+    """
+
+    def __init__(self, it, any_left: Callable[[bool], bool], first_batch: Callable[[], dict]):
+        self.it, self.any_left, self.first_batch = it, any_left, first_batch
+        self.last, self.exhausted = None, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = None
+        if not self.exhausted:
+            try:
+                batch = next(self.it)
+            except StopIteration:
+                self.exhausted = True
+        if not self.any_left(batch is not None):
+            raise StopIteration
+        if batch is not None:
+            self.last = batch
+            return batch
+        if self.last is None:
+            self.last = self.first_batch()
+        return as_padding(self.last)
+
+    def __getattr__(self, name):
+        return getattr(self.it, name)
+
+
 class _ConsumedBatches(pl.Callback):
     """Tells the training loader each time the model takes a batch (see :class:`ShardLoader`)."""
 
@@ -109,8 +152,10 @@ class ShardDataModule(pl.LightningDataModule):
     Args:
         train: training sources: a pattern, a list of patterns, or a list of
             ``{shards, weight, name}`` mixtures (see :class:`~kelix.data.shards.Source`).
-        val: validation sources (read once per validation run, no repetition).
-        test: test sources.
+        val: validation sources (read once per validation run, no repetition). On several ranks,
+            a rank with fewer batches runs padding batches (repeats counted for nothing) until the
+            others finish, so FSDP2's collectives never wait on a rank that stopped.
+        test: test sources (evened out across ranks like ``val``).
         predict: prediction sources.
         processor: turns each sample into a model item and collates items (picked by ``class_path``).
         batch_size: samples per batch per device.
@@ -217,6 +262,8 @@ class ShardDataModule(pl.LightningDataModule):
         loader = ShardLoader(stream, batch_size=bs, num_workers=self.num_workers, pin_memory=self.pin_memory,
                              collate_fn=CollateWithStats(self.processor), **kw)
         loader.restart = self.resume == "restart"
+        if split in ("val", "test") and self.trainer is not None and self.trainer.world_size > 1:
+            loader.even_out = (self._any_rank_has_a_batch, lambda: self._first_batch(split))
         if split == "train":
             loader.track = True
             if self._train_state is not None:
@@ -255,6 +302,24 @@ class ShardDataModule(pl.LightningDataModule):
                 f"worker(s) but this run has {world} x {self.num_workers}: resume with the same trainer.num_nodes, "
                 "trainer.devices and data.init_args.num_workers, or set data.init_args.resume: restart")
         self._train_state = state["train"][rank]
+
+    # -- evaluation on several ranks: the same number of batches everywhere (see _EvenBatches)
+    def _any_rank_has_a_batch(self, mine: bool) -> bool:
+        import torch
+
+        strategy = self.trainer.strategy
+        flag = torch.tensor(float(mine), device=strategy.root_device)
+        return bool(strategy.reduce(flag, reduce_op="max") > 0)
+
+    def _first_batch(self, split: str):
+        """The first batch of ``split`` read by one consumer of the whole data (a rank of its own has none)."""
+        stream = ShardStream(self.specs[split], processor=self.processor, shuffle_buffer=1, shuffle_shards=False,
+                             repeat=False, attach_stats=True, max_image_pixels=self.max_image_pixels,
+                             max_member_bytes=self.max_member_bytes)
+        items = list(itertools.islice(stream, self.val_batch_size))
+        if not items:
+            raise RuntimeError(f"data.{split}: another rank has a batch, but no sample of the whole set could be read")
+        return CollateWithStats(self.processor)(items)
 
     def _restart_seed(self) -> int:
         return int(uniform(self.seed, self._restart_step or 0, -3) * 2**62)

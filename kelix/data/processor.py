@@ -44,3 +44,22 @@ class CollateWithStats:
         if isinstance(batch, dict):
             batch["data_stats"] = pairs[-1][1]
         return batch
+
+
+PADDING_KEY = "padding_batch"
+
+
+def as_padding(batch: Any) -> dict:
+    """A copy of a (dict) batch marked as padding: run for the collectives, counted for nothing.
+
+    A rank that has run out of validation batches runs these while the others finish theirs (see
+    :class:`kelix.data.datamodule.ShardDataModule`).
+    """
+    if not isinstance(batch, dict):
+        raise TypeError(f"ranks hold different numbers of evaluation batches, and a {type(batch).__name__} batch "
+                        "cannot be marked as padding: the processor's collate must return a dict")
+    return {**batch, PADDING_KEY: True}
+
+
+def is_padding(batch: Any) -> bool:
+    return isinstance(batch, dict) and bool(batch.get(PADDING_KEY, False))

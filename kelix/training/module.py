@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from kelix.data.processor import is_padding
 from kelix.training.optim import OptimConfig, build_optimizer
 from kelix.training.resume import collect_rng_state, gather_to_rank0, pick_rank_state, set_rng_state
 
@@ -57,6 +58,7 @@ class KelixModule(pl.LightningModule):
         self.skipped_steps = 0
         self._skipped_in_a_row = 0
         self._skip_this_step = False
+        self.padding_batch = False  # True while `step` runs on an evaluation padding batch
         self._pending_rng: dict | None = None
         self._parallelized = False
 
@@ -123,25 +125,37 @@ class KelixModule(pl.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def validation_step(self, batch, batch_idx):
-        self._unshard_roots()
-        out = self.step(batch, "val")
-        self._log_terms(out, "val", batch)
-        return out["loss"]
+        return self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx):
+        return self._eval_step(batch, "test")
+
+    def _eval_step(self, batch, split: str):
+        # A padding batch (this rank ran out while another still has batches; see ShardDataModule)
+        # runs for FSDP2's collectives and logs the same keys with weight 0: the epoch means are
+        # exactly those of the real batches. Metrics a subclass accumulates itself in `step`
+        # should skip it too: `self.padding_batch` is True while it runs.
         self._unshard_roots()
-        out = self.step(batch, "test")
-        self._log_terms(out, "test", batch)
+        self.padding_batch = is_padding(batch)
+        try:
+            out = self.step(batch, split)
+        finally:
+            padding, self.padding_batch = self.padding_batch, False
+        self._log_terms(out, split, batch, weight=0 if padding else None)
         return out["loss"]
 
-    def _log_terms(self, out: dict, split: str, batch):
+    def _log_terms(self, out: dict, split: str, batch, weight: int | None = None):
         scalars = {f"{split}/{k}": v.detach().float() for k, v in out.items()
                    if torch.is_tensor(v) and v.numel() == 1}
+        scalars[f"{split}_loss"] = out["loss"].detach().float()
+        n = self.batch_size_of(batch) if weight is None else weight
+        if n == 0:  # zeros, not the values: 0 * nan would still poison the mean
+            scalars = {k: torch.zeros_like(v) for k, v in scalars.items()}
         train = split == "train"
-        self.log_dict(scalars, on_step=train, on_epoch=not train, sync_dist=not train,
-                      batch_size=self.batch_size_of(batch), prog_bar=False)
-        self.log(f"{split}_loss", out["loss"].detach().float(), prog_bar=True, on_step=train, on_epoch=not train,
-                 sync_dist=not train, batch_size=self.batch_size_of(batch), logger=False)
+        loss = scalars.pop(f"{split}_loss")
+        self.log_dict(scalars, on_step=train, on_epoch=not train, sync_dist=not train, batch_size=n, prog_bar=False)
+        self.log(f"{split}_loss", loss, prog_bar=True, on_step=train, on_epoch=not train, sync_dist=not train,
+                 batch_size=n, logger=False)
 
     # -- optimizer
     def configure_optimizers(self):

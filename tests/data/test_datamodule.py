@@ -63,3 +63,37 @@ def test_bad_arguments_fail_before_any_work():
         ShardDataModule(train=[{"shards": "x.tar", "weight": 0}])
     with pytest.raises(ValueError, match=r"data.val is not set"):
         ShardDataModule(train="x.tar")._stream("val")
+
+
+def lockstep(other_batches: int):
+    """``any_left`` of a rank whose peer holds ``other_batches`` batches (the all-reduced max, in order)."""
+    calls = iter(range(10**6))
+    return lambda mine: (next(calls) < other_batches) or mine
+
+
+class Keys(Processor):
+    def __call__(self, sample):
+        return sample.key
+
+    def collate(self, items):
+        return {"keys": items}
+
+
+def test_a_rank_out_of_evaluation_batches_pads_until_its_peers_finish(tmp_path):
+    from kelix.data.datamodule import _EvenBatches
+    from kelix.data.processor import is_padding
+    from tests.conftest import text_records
+
+    mine = [{"keys": ["a", "b"]}, {"keys": ["c"]}]
+    got = list(_EvenBatches(iter(mine), lockstep(4), first_batch=lambda: pytest.fail("not needed")))
+    assert got[:2] == mine and [is_padding(b) for b in got] == [False, False, True, True]
+    assert all(b["keys"] == ["c"] for b in got[2:])  # its last batch again, marked
+    assert list(_EvenBatches(iter(mine), lockstep(1), first_batch=None)) == mine  # the longest rank: as it was
+
+    # a rank with no batch of its own pads with the first batch of the whole set
+    shard = write_shard(tmp_path / "v.tar", text_records("v", 5))
+    dm = ShardDataModule(val=shard, processor=Keys(), val_batch_size=2)
+    got = list(_EvenBatches(iter([]), lockstep(3), first_batch=lambda: dm._first_batch("val")))
+    assert [(b["keys"], is_padding(b)) for b in got] == [(["v00000", "v00001"], True)] * 3
+    with pytest.raises(TypeError, match="collate must return a dict"):
+        list(_EvenBatches(iter([["x"]]), lockstep(2), first_batch=None))
