@@ -203,7 +203,7 @@ class TokenizerModule(KelixModule):
         ntp = self._ntp(batch["input_ids"], mask, out.embeds, batch["attention_mask"], batch["labels"])
         terms = {"loss": ntp + self.vq_weight * out.loss, "ntp": ntp, "vq": out.loss.detach()}
         terms.update({f"vq_{k}": v for k, v in out.terms.items()})
-        if out.codes is not None:
+        if out.codes is not None and not self.padding_batch:  # padding repeats a batch
             (self.usage if split == "train" else self.val_usage).update(out.codes.detach())
         return terms
 

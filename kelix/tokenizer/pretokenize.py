@@ -58,6 +58,10 @@ def tokenize_shard(tokenizer, src: str, dst: str, batch_size: int = 32, drop_pix
     with TarWriter(tmp, encoder=False) as sink:
         for _, raw in read_shard(src):
             key = raw["__key__"]
+            if "__error__" in raw:  # the shard reader's verdict (duplicate key, oversized member)
+                log.warning("%s:%s: skipped (%s): %s", src, key, *raw["__error__"])
+                stats["skipped"] += 1
+                continue
             record = {"__key__": key, **{k: v for k, v in raw.items() if not k.startswith("__")}}
             names = sorted(k for k in record if k != "__key__" and extension(k) in IMAGE_EXTS)
             try:

@@ -125,3 +125,14 @@ def test_stage1_of_the_continuous_baseline_trains_merger_and_up_projector():
     m = TokenizerModule(tiny_config(quantizer="none"), aux_lm_config=TINY_QWEN3, stage=1)
     trained = {n.split(".")[1] for n, p in m.named_parameters() if p.requires_grad}
     assert trained == {"merger", "up_projector"} and m.usage is None
+
+
+def test_validation_padding_batches_do_not_count_in_codebook_usage(batch):
+    """A rank out of validation batches repeats its last one (marked padding): its codes must not count twice."""
+    m = _module().eval()
+    with torch.no_grad():
+        m.step(batch, "val")
+        once = m.val_usage.counts.clone()
+        m.padding_batch = True
+        m.step(batch, "val")
+    assert once.sum() > 0 and torch.equal(m.val_usage.counts, once)
