@@ -110,6 +110,8 @@ def test_fit_shows_step_bar_and_part_summary_not_lightnings(tmp_path, monkeypatc
     assert isinstance(trainer.progress_bar_callback, StepProgressBar)
     assert [type(c) for c in trainer.callbacks if isinstance(c, (ModelSummary, PartSummary))] == [PartSummary]
     log = logging.getLogger("lightning.pytorch")  # Lightning's messages stop there (no propagation)
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        caplog.set_level(logging.INFO, logger=name)  # whatever level an earlier test left
     log.addHandler(caplog.handler)
     try:
         trainer.fit(cli.model, datamodule=cli.datamodule)
