@@ -88,9 +88,9 @@ LAUNCH_ENVS = {
 @pytest.mark.parametrize("launcher", sorted(LAUNCH_ENVS))
 def test_multi_node_launch_sees_its_place_in_the_world(tmp_path, monkeypatch, launcher):
     """What Lightning makes of a 4 x 8 launch: no process is started, nothing connects."""
-    from kelix.training.cli import run_lightning_cli
-
     from lightning_utilities.core.rank_zero import rank_zero_only
+
+    from kelix.training.cli import run_lightning_cli
 
     env, cluster = LAUNCH_ENVS[launcher]
     monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)  # the trainer sets it to 19: restored after
