@@ -19,7 +19,8 @@ LIGHTNING_VERBS = {
 # The kit's own verbs: name -> (implementation, one-line help). Later components register here.
 KIT_VERBS: dict[str, tuple[str, str]] = {
     "make-synthetic": ("kelix.data.synthetic_cli:main", "write synthetic shards (OCR, captions, VQA, text-to-image)"),
-    "validate-shards": ("kelix.data.validate_cli:main", "check shards against the sample schema; report bad samples"),
+    "data": ("kelix.data.convert.cli:main", "data convert (public formats -> shards), data validate, data stats"),
+    "validate-shards": ("kelix.data.validate_cli:main", "alias of kelix data validate"),
     "build-codebook": ("kelix.tokenizer.codebook:main", "k-means codebook init from shards (faiss): S = N*K centroids"),
     "export-tokenizer": ("kelix.tokenizer.export:main", "tokenizer checkpoint -> HF-style directory (no aux LM)"),
     "tokenize": ("kelix.tokenizer.pretokenize:main", "write shards with {key}.{i}.codes.npy code grids beside the pixels"),
