@@ -148,9 +148,12 @@ def run(job: Job, workers: int = 1, progress: bool = True) -> dict:
     fp = _fingerprint(job, plan)
     os.makedirs(_record_dir(job), exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(_record_dir(job)), "*.json")):
-        with open(stale, encoding="utf-8") as f:
-            other = json.load(f).get("job")
-        if other != fp:
+        try:
+            with open(stale, encoding="utf-8") as f:
+                other = json.load(f).get("job")
+        except (OSError, ValueError, AttributeError):
+            other = None  # unreadable: that shard is redone
+        if other is not None and other != fp:  # None: ShardSink's own count, the job killed before its record
             raise ValueError(f"{job.out_dir}: holds shards '{job.prefix}-*' of another conversion (other inputs or "
                              "options); convert into a new --out, or delete them")
     n_shards = -(-total // job.shard_size)
