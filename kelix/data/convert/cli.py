@@ -20,7 +20,7 @@ SUBVERBS = {"convert": "source files -> shards (resumable, parallel, with a mani
             "stats": "samples per task, images per sample, size/length histograms, blocks per sample"}
 
 
-def convert_main(argv: list[str] | None = None) -> int:
+def convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kelix data convert", description="Convert source rows to kelix shards; "
                                 "rerun the same command to resume. Formats: " + ", ".join(FORMATS) + ".")
     p.add_argument("--format", required=True, choices=sorted(FORMATS))
@@ -40,7 +40,11 @@ def convert_main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-as", choices=[f for f in FORMATS if f not in ("hf", "img2dataset")],
                    help="hf: which format reads the rows (default: guessed from the columns)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
+    return p
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    a = convert_parser().parse_args(argv)
 
     from kelix.data.convert.formats import Options
     from kelix.data.convert.job import Job, run
