@@ -147,6 +147,12 @@ def _record(row) -> dict:
     return row
 
 
+def _source_id(meta: dict, row: dict) -> dict:
+    if "id" in row:
+        meta["source_id"] = str(row["id"])
+    return meta
+
+
 def _one_image(row: dict, opts: Options) -> tuple[str, bytes]:
     value = _column(row, opts.image_column, IMAGE_COLUMNS, "image")
     if isinstance(value, list):
@@ -162,7 +168,7 @@ def pairs(row, opts: Options):
     name, data = _one_image(row, opts)
     meta = {"task": opts.task or "caption",
             "segments": [{"type": "image", "image": name}, {"type": "text", "text": caption}]}
-    return meta, {name: data}
+    return _source_id(meta, row), {name: data}
 
 
 def t2i(row, opts: Options):
@@ -172,7 +178,7 @@ def t2i(row, opts: Options):
     meta = {"task": opts.task or "t2i", "messages": [
         {"role": "user", "content": prompt},
         {"role": "assistant", "content": [{"type": "image", "image": name}]}]}
-    return meta, {name: data}
+    return _source_id(meta, row), {name: data}
 
 
 def text(row, opts: Options):
@@ -210,16 +216,11 @@ def _content(content, next_image: list[int], at: str) -> list[dict]:
     return parts
 
 
-def chat(row, opts: Options):
-    """LLaVA / ShareGPT ``conversations`` (``from``/``value``) or ``messages`` (``role``/``content``);
-    ``<image>`` (or an image part) marks where each image goes; unmarked images go before the first
-    user text, as LLaVA does."""
-    row = _record(row)
+def chat_layout(row: dict, images: list) -> list[dict]:
+    """Turns -> kit ``messages`` whose image parts hold the image's index in ``images`` (an int)."""
     turns = row.get("conversations", row.get("messages"))
     if not isinstance(turns, list) or not turns:
         raise RowError("schema", "'conversations' (or 'messages') must be a non-empty list")
-    images = row.get("images", row.get("image")) if opts.image_column is None else row.get(opts.image_column)
-    images = [] if images is None else [images] if not isinstance(images, list) else images
     next_image, messages = [0], []
     for i, t in enumerate(turns):
         if not isinstance(t, dict):
@@ -232,12 +233,23 @@ def chat(row, opts: Options):
         messages.append({"role": role, "content": _content(content, next_image, f"conversations[{i}]")})
     placed = next_image[0]
     if placed > len(images):
-        raise RowError("schema", f"{placed} image marker(s) but {len(images)} image(s)")
+        raise RowError("schema", f"{placed} <image> marker(s) but {len(images)} image(s)")
     if placed < len(images):
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None:
             raise RowError("schema", "images but no user turn to put them in")
         first_user["content"][:0] = [{"type": "image", "image": k} for k in range(placed, len(images))]
+    return messages
+
+
+def chat(row, opts: Options):
+    """LLaVA / ShareGPT ``conversations`` (``from``/``value``) or ``messages`` (``role``/``content``);
+    ``<image>`` (or an image part) marks where each image goes; unmarked images go before the first
+    user text, as LLaVA does."""
+    row = _record(row)
+    images = row.get("images", row.get("image")) if opts.image_column is None else row.get(opts.image_column)
+    images = [] if images is None else [images] if not isinstance(images, list) else images
+    messages = chat_layout(row, images)
     files, names = {}, {}
     for k, value in enumerate(images):
         data, ext, _ = checked_image(image_data(value, opts, f"image {k}"), opts, f"image {k}")
@@ -252,9 +264,7 @@ def chat(row, opts: Options):
     if not any(m["content"] for m in messages):
         raise RowError("empty_text", "every turn is empty")
     meta = {"task": opts.task or ("vqa" if images else "chat"), "messages": messages}
-    if "id" in row:
-        meta["source_id"] = str(row["id"])
-    return meta, files
+    return _source_id(meta, row), files
 
 
 def obelics(row, opts: Options):
