@@ -74,23 +74,24 @@ class _OneShard(ShardSink):
         self._writer.mtime = 0.0
 
 
-def _plan(job: Job) -> list[tuple[str, int]]:
-    return [(p, count_rows(p, job.hf_split)) for p in expand_inputs(job.inputs)]
+def _plan(job: Job) -> list[tuple[str, int, list[int] | None]]:
+    """``(input, rows, seek offsets)`` of each input."""
+    return [(p, *count_rows(p, job.hf_split, job.shard_size)) for p in expand_inputs(job.inputs)]
 
 
 def _fingerprint(job: Job, plan) -> str:
     desc = {"format": job.format, "shard_size": job.shard_size, "prefix": job.prefix, "opts": asdict(job.opts),
-            "split": job.hf_split, "inputs": [(os.path.abspath(p), n) for p, n in plan]}
+            "split": job.hf_split, "inputs": [(os.path.abspath(p), n) for p, n, _ in plan]}
     return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _segments(plan, start: int, stop: int):
-    """``(path, local_start, local_stop, global_start)`` of the inputs overlapping global rows [start, stop)."""
+    """``(path, seek, local_start, local_stop, global_start)`` of the inputs overlapping global rows [start, stop)."""
     first = 0
-    for path, n in plan:
+    for path, n, seek in plan:
         lo, hi = max(start, first), min(stop, first + n)
         if lo < hi:
-            yield path, lo - first, hi - first, lo
+            yield path, seek, lo - first, hi - first, lo
         first += n
 
 
@@ -116,13 +117,13 @@ def _is_done(job: Job, index: int, fp: str, rows: list[int]) -> dict | None:
 
 def convert_shard(job: Job, plan, index: int, fp: str) -> dict:
     """Write shard ``index`` and its record; return the record."""
-    rows = [index * job.shard_size, min((index + 1) * job.shard_size, sum(n for _, n in plan))]
+    rows = [index * job.shard_size, min((index + 1) * job.shard_size, sum(n for _, n, _ in plan))]
     record_path = os.path.join(_record_dir(job), f"{index:05d}.json")
     convert = FORMATS[job.format]
     skipped = []
     sink = _OneShard(job.out_dir, job.prefix, index, record_path, job.shard_size)
-    for path, lo, hi, g0 in _segments(plan, *rows):
-        for local, row in read_rows(path, lo, hi, job.hf_split):
+    for path, seek, lo, hi, g0 in _segments(plan, *rows):
+        for local, row in read_rows(path, lo, hi, job.hf_split, seek, job.shard_size):
             try:
                 meta, files = convert(row, job.opts)
                 meta.setdefault("source", f"{os.path.basename(path)}:{local}")
@@ -142,7 +143,7 @@ def run(job: Job, workers: int = 1, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     plan = _plan(job)
-    total = sum(n for _, n in plan)
+    total = sum(n for _, n, _ in plan)
     if total == 0:
         raise ValueError(f"inputs {', '.join(job.inputs)}: no rows to convert")
     fp = _fingerprint(job, plan)
@@ -192,8 +193,8 @@ def _write_manifest(job: Job, plan, fp: str, records: list[dict], resumed: int) 
     skipped = [s for rec in records for s in rec["skipped"]]
     manifest = {
         "version": MANIFEST_VERSION, "format": job.format, "job": fp, "shard_size": job.shard_size,
-        "inputs": [{"path": p, "rows": n} for p, n in plan], "shards": shards,
-        "totals": {"rows": sum(n for _, n in plan), "samples": sum(s["samples"] for s in shards.values()),
+        "inputs": [{"path": p, "rows": n} for p, n, _ in plan], "shards": shards,
+        "totals": {"rows": sum(n for _, n, _ in plan), "samples": sum(s["samples"] for s in shards.values()),
                    "bytes": sum(s["bytes"] for s in shards.values()), "shards": len(shards), "skipped": len(skipped),
                    "resumed_shards": resumed},
         "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),

@@ -54,36 +54,84 @@ def expand_inputs(paths: list[str]) -> list[str]:
 
 
 # -- counting
-def count_rows(path: str, hf_split: str | None = None) -> int:
+def count_rows(path: str, hf_split: str | None = None, step: int = 1000) -> tuple[int, list[int] | None]:
+    """``(rows, seek)``: ``seek[k]`` is the byte offset of row ``k * step`` in a text file (JSONL, CSV),
+    so a worker starts reading near its rows instead of at the top of the file; None for the others."""
     kind = kind_of(path)
-    if kind == "jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return sum(1 for line in f if line.strip())
-    if kind in ("csv", "tsv"):
-        return sum(1 for _ in _csv_rows(path))
+    if kind in ("jsonl", "csv", "tsv"):
+        seek, n = [], 0
+        for _, before in _text_rows(path, kind):
+            if n % step == 0:
+                seek.append(before)
+            n += 1
+        return n, seek
     if kind == "json":
-        return len(_json_list(path))
+        return len(_json_list(path)), None
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(path).metadata.num_rows
+        return pq.ParquetFile(path).metadata.num_rows, None
     if kind == "tar":
-        return len(_tar_keys(path))
+        return len(_tar_keys(path)), None
     if kind == "hf":
-        return len(_hf_dataset(path, hf_split))
-    return len(_folder_images(path))
+        return len(_hf_dataset(path, hf_split)), None
+    return len(_folder_images(path)), None
+
+
+def _text_rows(path: str, kind: str, offset: int | None = None, header: list[str] | None = None):
+    """``(row, byte offset where it starts)`` of a JSONL (the line's text) or CSV/TSV (a dict) file,
+    from ``offset`` on (a CSV read from an offset needs its ``header``). Read in binary, so that the
+    offsets are exact; the ``csv`` module parses (quoted newlines included)."""
+    with open(path, "rb") as f:
+        if kind == "jsonl":
+            pos = f.seek(offset or 0)
+            for raw in f:
+                if raw.strip():
+                    yield raw.decode("utf-8", errors="replace"), pos
+                pos += len(raw)
+            return
+        consumed = [f.seek(offset or 0)]
+
+        def lines():
+            for raw in f:
+                consumed[0] += len(raw)
+                yield raw.decode("utf-8", errors="replace")
+
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # captions and base64 columns can be long
+        reader = csv.reader(lines(), delimiter="\t" if kind == "tsv" else ",")
+        if header is None:
+            header = next(reader, [])
+            if header:
+                header[0] = header[0].lstrip("\ufeff")  # a UTF-8 byte-order mark
+        before = consumed[0]
+        for fields in reader:
+            if fields:  # csv.DictReader skips blank rows too
+                yield {h: fields[i] if i < len(fields) else None for i, h in enumerate(header)}, before
+            before = consumed[0]
+
+
+def csv_header(path: str, kind: str) -> list[str]:
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        header = next(csv.reader(f, delimiter="\t" if kind == "tsv" else ","), [])
+    if header:
+        header[0] = header[0].lstrip("\ufeff")
+    return header
 
 
 # -- reading a row range
-def read_rows(path: str, start: int, stop: int, hf_split: str | None = None) -> Iterator[tuple[int, object]]:
-    """``(row, value)`` for rows ``start <= row < stop`` of one input."""
+def read_rows(path: str, start: int, stop: int, hf_split: str | None = None, seek: list[int] | None = None,
+              step: int = 1000) -> Iterator[tuple[int, object]]:
+    """``(row, value)`` for rows ``start <= row < stop`` of one input (``seek``, ``step``: from :func:`count_rows`)."""
     kind = kind_of(path)
-    if kind == "jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = (line for line in f if line.strip())
-            yield from enumerate_range(itertools.islice(lines, start, stop), start)
-    elif kind in ("csv", "tsv"):
-        yield from enumerate_range(itertools.islice(_csv_rows(path), start, stop), start)
+    if kind in ("jsonl", "csv", "tsv"):
+        k = start // step if seek else 0
+        header = csv_header(path, kind) if kind != "jsonl" and k else None
+        rows = _text_rows(path, kind, seek[k] if k else None, header)
+        for n, (value, _) in enumerate(rows, k * step):
+            if n >= stop:
+                break
+            if n >= start:
+                yield n, value
     elif kind == "json":
         yield from enumerate_range(_json_list(path)[start:stop], start)
     elif kind == "parquet":
@@ -104,12 +152,6 @@ def read_rows(path: str, start: int, stop: int, hf_split: str | None = None) -> 
 
 def enumerate_range(rows, start: int):
     return zip(itertools.count(start), rows)
-
-
-def _csv_rows(path: str):
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # captions and base64 columns can be long
-    with open(path, encoding="utf-8", newline="") as f:
-        yield from csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
 
 
 @functools.lru_cache(maxsize=4)
