@@ -38,13 +38,17 @@ def without_resume_count(manifest):
 
 def test_parallel_workers_write_the_same_shards_as_one(tmp_path):
     path = table(tmp_path)
-    one = convert("pairs", [path], tmp_path / "one", images_root=str(tmp_path / "img"), shard_size=4)
-    two = convert("pairs", [path], tmp_path / "two", images_root=str(tmp_path / "img"), shard_size=4, workers=2)
-    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two") and len(shard_bytes(tmp_path / "one")) == 6
+    listed = tmp_path / "more.json"  # a JSON list: its rows travel to the workers with each task
+    listed.write_text(json.dumps([{"image": f"{i}.png", "caption": f"listed {i}"} for i in range(5)]))
+    one = convert("pairs", [path, listed], tmp_path / "one", images_root=str(tmp_path / "img"), shard_size=4)
+    two = convert("pairs", [path, listed], tmp_path / "two", images_root=str(tmp_path / "img"), shard_size=4,
+                  workers=2)
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two") and len(shard_bytes(tmp_path / "one")) == 7
     assert without_resume_count(one) == without_resume_count(two)
-    assert one["totals"]["samples"] + one["totals"]["skipped"] == 23
+    assert one["totals"]["samples"] + one["totals"]["skipped"] == 28
     assert one["skipped_by_reason"] == {"corrupt_image": 3, "missing_image": 4}
-    assert len(read_back(tmp_path / "one", one)) == 16
+    samples = read_back(tmp_path / "two", two)
+    assert len(samples) == 21 and [s.turns[0].parts[1].text for s in samples[-5:]] == [f"listed {i}" for i in range(5)]
 
 
 def test_a_damaged_conversion_resumed_gives_the_same_shards(tmp_path):

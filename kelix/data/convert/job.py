@@ -115,15 +115,27 @@ def _is_done(job: Job, index: int, fp: str, rows: list[int]) -> dict | None:
     return rec
 
 
-def convert_shard(job: Job, plan, index: int, fp: str) -> dict:
-    """Write shard ``index`` and its record; return the record."""
+def _json_slices(job: Job, plan, index: int) -> dict:
+    """The rows of shard ``index`` from JSON-list inputs, sent to the worker with the task: a JSON list
+    must be parsed whole, and parsing it in every worker would hold a copy of it per process."""
+    from kelix.data.convert.readers import _json_list, kind_of
+
+    rows = (index * job.shard_size, min((index + 1) * job.shard_size, sum(n for _, n, _ in plan)))
+    return {path: _json_list(path)[lo:hi] for path, _, lo, hi, _ in _segments(plan, *rows) if kind_of(path) == "json"}
+
+
+def convert_shard(job: Job, plan, index: int, fp: str, json_rows: dict | None = None) -> dict:
+    """Write shard ``index`` and its record; return the record. ``json_rows``: see :func:`_json_slices`."""
     rows = [index * job.shard_size, min((index + 1) * job.shard_size, sum(n for _, n, _ in plan))]
     record_path = os.path.join(_record_dir(job), f"{index:05d}.json")
     convert = FORMATS[job.format]
     skipped = []
     sink = _OneShard(job.out_dir, job.prefix, index, record_path, job.shard_size)
     for path, seek, lo, hi, g0 in _segments(plan, *rows):
-        for local, row in read_rows(path, lo, hi, job.hf_split, seek, job.shard_size):
+        given = (json_rows or {}).get(path)
+        rows_in = zip(range(lo, hi), given) if given is not None else read_rows(path, lo, hi, job.hf_split, seek,
+                                                                                 job.shard_size)
+        for local, row in rows_in:
             try:
                 meta, files = convert(row, job.opts)
                 meta.setdefault("source", f"{os.path.basename(path)}:{local}")
@@ -179,7 +191,7 @@ def run(job: Job, workers: int = 1, progress: bool = True) -> dict:
 
             # spawn: the parent may hold threads (tqdm's monitor), which fork would copy mid-state
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as ex:
-                futures = {ex.submit(convert_shard, job, plan, i, fp): i for i in todo}
+                futures = {ex.submit(convert_shard, job, plan, i, fp, _json_slices(job, plan, i)): i for i in todo}
                 for fut in as_completed(futures):
                     rec = records[futures[fut]] = fut.result()
                     bar.update(rec["rows"][1] - rec["rows"][0])
