@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 from kelix.data.convert.formats import FORMATS
 
@@ -58,6 +59,11 @@ def convert_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"kelix data convert: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, BrokenProcessPool) as e:
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else "a worker process died (out of memory?)"
+        print(f"kelix data convert: {why}; finished shards are kept: rerun the same command to resume",
+              file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
     t = m["totals"]
     print(f"{t['samples']} sample(s) in {t['shards']} shard(s) under {a.out} ({t['resumed_shards']} kept from "
           f"an earlier run); {t['skipped']} row(s) skipped" + (f": {json.dumps(m['skipped_by_reason'])}"

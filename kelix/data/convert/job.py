@@ -187,14 +187,30 @@ def run(job: Job, workers: int = 1, progress: bool = True) -> dict:
                 bar.update(records[i]["rows"][1] - records[i]["rows"][0])
         else:
             import multiprocessing
+            import signal
+            import threading
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             # spawn: the parent may hold threads (tqdm's monitor), which fork would copy mid-state
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as ex:
+            ex = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"))
+            # The workers start with Ctrl-C ignored (an ignored signal stays ignored in a spawned Python), so
+            # the parent alone is interrupted: it cancels the shards not started, the running ones finish
+            # (whole shards, kept on resume), and it reports in one line instead of one traceback per worker.
+            main = threading.current_thread() is threading.main_thread()
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+            try:
                 futures = {ex.submit(convert_shard, job, plan, i, fp, _json_slices(job, plan, i)): i for i in todo}
+            finally:
+                if main:
+                    signal.signal(signal.SIGINT, old)
+            try:
                 for fut in as_completed(futures):
                     rec = records[futures[fut]] = fut.result()
                     bar.update(rec["rows"][1] - rec["rows"][0])
+            except BaseException:
+                ex.shutdown(wait=False, cancel_futures=True)
+                raise
+            ex.shutdown()
     finally:
         bar.close()
     return _write_manifest(job, plan, fp, [records[i] for i in range(n_shards)], resumed=n_shards - len(todo))
