@@ -13,7 +13,7 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kelix.data.schema import SampleError
 
@@ -55,7 +55,6 @@ class Options:
     aspect_range: tuple[float, float] | None = None
     max_pixels: int | None = None
     hf_as: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # -- images
