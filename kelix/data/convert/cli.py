@@ -15,6 +15,7 @@ import sys
 from concurrent.futures.process import BrokenProcessPool
 
 from kelix.data.convert.formats import FORMATS
+from kelix.data.schema import TASKS
 
 SUBVERBS = {"convert": "source files -> shards (resumable, parallel, with a manifest)",
             "validate": "check shards against the sample schema; report bad samples",
@@ -30,7 +31,7 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-root", help="folder that relative image paths (and downloaded URLs) are under")
     p.add_argument("--shard-size", type=int, default=1000, help="source rows per shard (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
-    p.add_argument("--task", help="task label stored in each sample (default: the format's own)")
+    p.add_argument("--task", choices=TASKS, help="task label stored in each sample (default: the format's own)")
     p.add_argument("--prefix", help="shard file prefix (default: the format)")
     p.add_argument("--image-column", help="column holding the image (default: image, images, image_path, url...)")
     p.add_argument("--text-column", help="column holding the caption / prompt / text (default: caption, text...)")
