@@ -99,20 +99,40 @@ def _record_dir(job: Job) -> str:
     return os.path.join(job.out_dir, f".convert-{job.prefix}")
 
 
-def _is_done(job: Job, index: int, fp: str, rows: list[int]) -> dict | None:
-    path = os.path.join(_record_dir(job), f"{index:05d}.json")
+def load_record(path: str, fp: str, out_dir: str, **expect) -> dict | None:
+    """The completion record at ``path`` if it is of job ``fp``, has the ``expect`` fields and every
+    shard it lists is in ``out_dir`` with its recorded size; else None (that work is redone).
+    Shared by the resumable jobs (convert, ``kelix tokenize``, ``kelix precompute-dit``)."""
     try:
         with open(path, encoding="utf-8") as f:
             rec = json.load(f)
     except (OSError, ValueError):
         return None
-    if rec.get("job") != fp or rec.get("rows") != rows:
+    if not isinstance(rec, dict) or rec.get("job") != fp or any(rec.get(k) != v for k, v in expect.items()):
         return None
     for name, info in rec.get("shards", {}).items():
-        p = os.path.join(job.out_dir, name)
+        p = os.path.join(out_dir, name)
         if not os.path.isfile(p) or os.path.getsize(p) != info.get("bytes"):
             return None
     return rec
+
+
+def _is_done(job: Job, index: int, fp: str, rows: list[int]) -> dict | None:
+    return load_record(os.path.join(_record_dir(job), f"{index:05d}.json"), fp, job.out_dir, rows=rows)
+
+
+def summarize(records: list[dict]) -> dict:
+    """The manifest's ``shards``, ``totals`` (samples, bytes, shards, skipped), ``skipped_by_reason`` and
+    ``skipped`` over the completion records ``{"shards": {name: {samples, bytes}}, "skipped": [...]}``."""
+    shards = {name: info for rec in records for name, info in rec["shards"].items()}
+    skipped = [s for rec in records for s in rec["skipped"]]
+    return {
+        "shards": shards,
+        "totals": {"samples": sum(s["samples"] for s in shards.values()),
+                   "bytes": sum(s["bytes"] for s in shards.values()), "shards": len(shards), "skipped": len(skipped)},
+        "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        "skipped": skipped,
+    }
 
 
 def _json_slices(job: Job, plan, index: int) -> dict:
@@ -217,16 +237,9 @@ def run(job: Job, workers: int = 1, progress: bool = True) -> dict:
 
 
 def _write_manifest(job: Job, plan, fp: str, records: list[dict], resumed: int) -> dict:
-    shards = {name: info for rec in records for name, info in rec["shards"].items()}
-    skipped = [s for rec in records for s in rec["skipped"]]
-    manifest = {
-        "version": MANIFEST_VERSION, "format": job.format, "job": fp, "shard_size": job.shard_size,
-        "inputs": [{"path": p, "rows": n} for p, n, _ in plan], "shards": shards,
-        "totals": {"rows": sum(n for _, n, _ in plan), "samples": sum(s["samples"] for s in shards.values()),
-                   "bytes": sum(s["bytes"] for s in shards.values()), "shards": len(shards), "skipped": len(skipped),
-                   "resumed_shards": resumed},
-        "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
-        "skipped": skipped,
-    }
+    summary = summarize(records)
+    summary["totals"].update(rows=sum(n for _, n, _ in plan), resumed_shards=resumed)
+    manifest = {"version": MANIFEST_VERSION, "format": job.format, "job": fp, "shard_size": job.shard_size,
+                "inputs": [{"path": p, "rows": n} for p, n, _ in plan], **summary}
     write_json_atomic(os.path.join(job.out_dir, job.prefix + MANIFEST_SUFFIX), manifest)
     return manifest
