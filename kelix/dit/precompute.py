@@ -10,11 +10,21 @@ then runs once per image instead of once per epoch; train on the output with
 
 The same processor options as the training recipe apply (target and condition sizes, aspect filter,
 resize mode). ``--part i/n`` processes every n-th input shard, for one job per GPU.
+
+A resumable job like ``kelix data convert``: input shard ``j`` (of the part) gives output shards
+``{prefix}-{k:05d}.tar`` numbered on from the previous input's, each holding at most
+``--samples-per-shard`` samples, and leaves a record ``{out}/.precompute-{prefix}/{j:05d}.json``
+(its shards' samples and bytes, its skipped samples). A rerun keeps every input whose record matches
+the job (options, input path and size, first shard number) and whose shards have their recorded sizes,
+and redoes the rest; shards are byte-reproducible, so a resumed run gives an uninterrupted run's bytes.
+``{out}/{prefix}.manifest.json`` lists the shards, totals and each skipped sample with its reason,
+source shard and key.
 """
 
 import argparse
 import logging
 import os
+import re
 
 import torch
 
@@ -32,30 +42,96 @@ def _batches(stream, size: int):
         yield batch
 
 
-@torch.no_grad()
-def precompute(sources, out_dir: str, processor, vae, condition, batch_size: int = 8, device: str = "cpu",
-               samples_per_shard: int = 1000, prefix: str = "dit") -> dict:
-    """Write pre-computed shards to ``out_dir``; returns counts (``samples``, ``shards``, skipped per reason)."""
+def _recorder(url: str, processor):
+    """The ShardStream checks and processor over one shard, in order, recording each skipped sample
+    (``.skipped``). The stream's "all skipped" guards are for training: here an input shard holding no
+    DiT sample (a VQA shard) is normal."""
     from kelix.data.stream import ShardStream
-    from kelix.data.writer import ShardSink, make_record
 
-    stream = ShardStream(sources, processor=processor, shuffle_buffer=1, shuffle_shards=False, repeat=False)
+    class Recorder(ShardStream):
+        def _skip(self, reason, message):
+            self.stats[f"skipped/{reason}"] += 1
+            message = re.sub(r" at 0x[0-9a-fA-F]+", "", message)  # PIL names an object address: reproducible manifest
+            self.skipped.append({"source": url, "key": self._key, "reason": reason, "message": message})
+
+        def __iter__(self):
+            for _, raw in self._guard_shard(url, 0):
+                self._key = raw.get("__key__")
+                item = self._prepare(raw)
+                self._key = None  # a shard-level skip (truncated, unreadable) names no sample
+                if item is not None:
+                    yield item
+
+    stream = Recorder([url], processor=processor, shuffle_buffer=1, shuffle_shards=False, repeat=False)
+    stream.skipped, stream._key = [], None
+    return stream
+
+
+@torch.no_grad()
+def _precompute_shard(url, sink, processor, vae, condition, batch_size: int, device: str) -> list[dict]:
+    """Write the samples of input shard ``url`` into ``sink``; return its skipped samples."""
+    from kelix.data.writer import make_record
+
+    stream = _recorder(url, processor)
+    for items in _batches(stream, batch_size):
+        batch = processor.collate(items)
+        latents = vae.encode(batch["pixels"].to(device)).half().cpu().numpy()
+        states, mask = condition({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        states, mask = states.half().cpu(), mask.cpu()
+        for i, (key, prompt) in enumerate(zip(batch["keys"], batch["prompts"])):
+            meta = {"task": "t2i", "segments": [{"type": "text", "text": prompt}]}
+            files = {"latent.npy": latents[i], "cond.npy": states[i][mask[i]].numpy()}
+            sink.write(make_record(key, meta, files))
+    return stream.skipped
+
+
+def precompute(sources, out_dir: str, processor, vae, condition, batch_size: int = 8, device: str = "cpu",
+               samples_per_shard: int = 1000, prefix: str = "dit", job: dict | None = None,
+               progress: bool = True) -> dict:
+    """Write (or finish writing) pre-computed shards to ``out_dir`` and their manifest; returns counts
+    (``samples``, ``shards``, skipped per reason, ``resumed_inputs``). ``job``: what else decides the output
+    (the options of the processor, VAE and condition), part of each record's fingerprint."""
+    import hashlib
+    import json
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from kelix.data.convert.job import RecordedSink, load_record, summarize
+    from kelix.data.shards import MANIFEST_SUFFIX, MANIFEST_VERSION, as_sources
+    from kelix.data.writer import write_json_atomic
+
+    urls = [u for s in as_sources(sources) for u in (s.urls or s.expand())]
+    desc = {"job": job or {}, "batch_size": batch_size, "samples_per_shard": samples_per_shard, "prefix": prefix}
+    fp = hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    rec_dir = os.path.join(out_dir, f".precompute-{prefix}")
+    os.makedirs(rec_dir, exist_ok=True)
     vae, condition = vae.to(device), condition.to(device)
-    n = 0
-    with ShardSink(out_dir, prefix=prefix, max_count=samples_per_shard) as sink:
-        for items in _batches(stream, batch_size):
-            batch = processor.collate(items)
-            latents = vae.encode(batch["pixels"].to(device)).half().cpu().numpy()
-            states, mask = condition({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            states, mask = states.half().cpu(), mask.cpu()
-            for i, (key, prompt) in enumerate(zip(batch["keys"], batch["prompts"])):
-                meta = {"task": "t2i", "segments": [{"type": "text", "text": prompt}]}
-                files = {"latent.npy": latents[i], "cond.npy": states[i][mask[i]].numpy()}
-                sink.write(make_record(key, meta, files))
-                n += 1
-    shards = sink.paths
-    skipped = {k: v for k, v in stream.stats.items() if k.startswith("skipped/")}
-    return {"samples": n, "shards": len(shards), **skipped}
+    records, first, resumed = [], 0, 0
+    for j, url in enumerate(tqdm(urls, desc="precompute-dit", unit="shard", disable=not progress)):
+        rec_path = os.path.join(rec_dir, f"{j:05d}.json")
+        source = {"path": os.path.abspath(url), "bytes": os.path.getsize(url)}
+        rec = load_record(rec_path, fp, out_dir, source=source, first=first)
+        if rec is not None:
+            resumed += 1
+        else:
+            sink = RecordedSink(out_dir, prefix, first, rec_path, samples_per_shard)
+            skipped = _precompute_shard(url, sink, processor, vae, condition, batch_size, device)
+            sink.close()
+            shards = {os.path.basename(p): {"samples": sink.counts[os.path.basename(p)],
+                                            "bytes": os.path.getsize(p)} for p in sink.paths}
+            rec = {"version": MANIFEST_VERSION, "job": fp, "source": source, "first": first, "shards": shards,
+                   "skipped": skipped}
+            write_json_atomic(rec_path, rec)  # after its shards' renames: a record always means whole shards
+        records.append(rec)
+        first += len(rec["shards"])
+    summary = summarize(records)
+    summary["totals"]["resumed_inputs"] = resumed
+    manifest = {"version": MANIFEST_VERSION, "job": fp, "inputs": [os.path.abspath(u) for u in urls], **summary}
+    write_json_atomic(os.path.join(out_dir, prefix + MANIFEST_SUFFIX), manifest)
+    t = summary["totals"]
+    by_reason = Counter({f"skipped/{r}": n for r, n in summary["skipped_by_reason"].items()})
+    return {"samples": t["samples"], "shards": t["shards"], **by_reason, "resumed_inputs": resumed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         condition = PromptBytesConditions(a.smoke_prompt_dim, max_length=a.max_condition_length)
     os.makedirs(a.out, exist_ok=True)
+    job = {k: v for k, v in vars(a).items() if k not in ("shards", "out", "device", "part", "batch_size",
+                                                            "samples_per_shard")}
+    for k in ("vae", "lm", "tokenizer"):  # a path names the weights wherever the job is started from
+        job[k] = job[k] and os.path.abspath(job[k])
     counts = precompute(Source(urls), a.out, processor, vae, condition, a.batch_size, a.device, a.samples_per_shard,
-                        prefix=f"dit-{i:03d}")
+                        prefix=f"dit-{i:03d}", job=job)
     print(" ".join(f"{k}={v}" for k, v in counts.items()), f"-> {a.out}")
     return 0

@@ -57,9 +57,10 @@ class Job:
         self.prefix = sanitize(self.prefix or self.format)
 
 
-class _OneShard(ShardSink):
-    """ShardSink writing exactly shard ``index``, byte-reproducibly (fixed member mtime), with its
-    count record in the job folder instead of the shared manifest (workers write shards concurrently)."""
+class RecordedSink(ShardSink):
+    """ShardSink numbering its shards from ``index``, byte-reproducibly (fixed member mtime), with its
+    count record at ``record_path`` instead of the shared manifest (workers write shards concurrently).
+    Shared by the resumable jobs (convert, ``kelix precompute-dit``)."""
 
     def __init__(self, out_dir, prefix, index, record_path, max_count):
         super().__init__(out_dir, prefix, max_count)
@@ -150,7 +151,7 @@ def convert_shard(job: Job, plan, index: int, fp: str, json_rows: dict | None = 
     record_path = os.path.join(_record_dir(job), f"{index:05d}.json")
     convert = FORMATS[job.format]
     skipped = []
-    sink = _OneShard(job.out_dir, job.prefix, index, record_path, job.shard_size)
+    sink = RecordedSink(job.out_dir, job.prefix, index, record_path, job.shard_size)
     for path, seek, lo, hi, g0 in _segments(plan, *rows):
         given = (json_rows or {}).get(path)
         rows_in = zip(range(lo, hi), given) if given is not None else read_rows(path, lo, hi, job.hf_split, seek,
