@@ -199,8 +199,10 @@ class ShardStream(IterableDataset):
         self.stats[f"skipped/{reason}"] += 1
         n = self.stats[f"skipped/{reason}"]
         self._last_skip = message
-        if n <= 10 or n % 1000 == 0:
-            log.warning("skipped sample (%s, #%d): %s", reason, n, message)
+        if n == 1:  # one line per reason on the terminal; the counts go to TensorBoard and the end-of-fit summary
+            log.warning("skipped sample (%s): %s (further ones are counted as data/skipped/%s)", reason, message, reason)
+        else:
+            log.debug("skipped sample (%s, #%d): %s", reason, n, message)
         skipped = sum(v for k, v in self.stats.items() if k.startswith("skipped/"))
         if self.stats["samples"] == 0 and skipped >= 200:
             raise RuntimeError(f"the first {skipped} samples were all skipped; the last one: {message}")

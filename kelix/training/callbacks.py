@@ -6,6 +6,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class DataHealth(pl.Callback):
@@ -36,6 +37,18 @@ class DataHealth(pl.Callback):
                 summed[k] = summed.get(k, 0) + v
         for k, v in sorted(_sum_over_ranks(summed).items()):
             pl_module.log(f"data/{k}", float(v), on_step=True, on_epoch=False, sync_dist=False)
+
+    def on_train_end(self, trainer, pl_module):
+        """One summary line of what the training stream read and skipped (every rank joins the sum)."""
+        summed: dict[str, float] = {}
+        for s in self.totals.values():
+            for k, v in s.items():
+                summed[k] = summed.get(k, 0) + v
+        summed = _sum_over_ranks(summed)
+        skipped = {k.split("/", 1)[1]: int(v) for k, v in sorted(summed.items()) if k.startswith("skipped/") and v}
+        if summed:
+            rank_zero_info(f"data: {int(summed.get('samples', 0))} training samples read; skipped: "
+                           + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"))
 
 
 def _sum_over_ranks(counts: dict[str, float]) -> dict[str, float]:
