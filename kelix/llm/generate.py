@@ -44,10 +44,9 @@ class Sampling:
     seed: int | None = 0
 
 
-def sample_ids(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Column indices ``[P]`` drawn from ``logits [P, V]`` (already restricted to the legal range)."""
-    if s.temperature <= 0:
-        return logits.argmax(-1)
+def masked_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """``logits [P, V]`` as float, divided by the temperature (> 0), ids outside top-k / top-p at -inf:
+    what a slot is drawn from (by :func:`sample_ids`, or Gumbel-max in the fast path)."""
     logits = logits.float() / s.temperature
     if 0 < s.top_k < logits.shape[-1]:
         kth = logits.topk(s.top_k, dim=-1).values[..., -1:]
@@ -57,7 +56,14 @@ def sample_ids(logits: torch.Tensor, s: Sampling, generator: torch.Generator | N
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= s.top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    return logits
+
+
+def sample_ids(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Column indices ``[P]`` drawn from ``logits [P, V]`` (already restricted to the legal range)."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(masked_logits(logits, s).softmax(-1), 1, generator=generator)[:, 0]
 
 
 class BackboneRunner:
@@ -259,7 +265,7 @@ def generate_text(lm, docs: list[BlockDoc], max_new_blocks: int = 64, sampling: 
 @torch.no_grad()
 def generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling: Sampling | None = None,
                    use_cache: bool = True, decoder_cache: bool = True, include_markers: bool = True,
-                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   progress: bool = False, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Generate one image's blocks per prompt.
 
     Args:
@@ -267,10 +273,19 @@ def generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling: Samp
         include_markers: return the hidden states of every position from ``<|vision_start|>`` up to
             ``<|vision_end|>`` (markers included), else of the visual blocks only.
         progress: show a progress bar over the image's blocks.
+        fast: run :mod:`kelix.llm.fast_generate` (static caches, one fixed-shape step per block, CUDA
+            graphs on a GPU): greedy codes equal this path's; sampled ones are drawn by Gumbel-max from
+            noise of ``sampling.seed`` (the same distribution, other draws).
     Returns:
         ``codes [B, h, w, N]`` (0..K-1), condition ``states [B, L, D]`` (pre-norm) and ``mask [B, L]``.
     """
     s = sampling or Sampling()
+    if fast:
+        if not (use_cache and decoder_cache):
+            raise ValueError("generate_image(fast=True) is a cached path: use_cache and decoder_cache must stay True")
+        from kelix.llm.fast_generate import fast_generate_image
+
+        return fast_generate_image(lm, prompts, grid, s, include_markers=include_markers)
     lm.eval()
     h_rows, w_cols = grid
     plan = BlockDoc()
