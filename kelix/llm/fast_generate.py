@@ -268,12 +268,14 @@ class FastImageGenerator:
         else:
             (self._visual_step if name == "visual" else self._marker_step)()
 
-    # -- one call
-    def run(self, embeds: torch.Tensor, mask: torch.Tensor, seed: int | None, include_markers: bool):
-        """Prompt blocks ``embeds [R, p, D]``, ``mask [R, p]`` (left padded, p <= prompt_len) -> the
-        image's codes ``[B, h*w, N]`` and condition states ``[B, T, D]``."""
-        lm, R, dev = self.lm, self.h.shape[0], self.h.device
-        pad = self.P - embeds.shape[1]
+    # -- one call: prepare (host work, a few syncs), decode (no sync), result
+    def prepare(self, embeds: torch.Tensor, mask: torch.Tensor, seed: int | None):
+        """Load prompt blocks ``embeds [R, p, D]``, ``mask [R, p]`` (left padded, p <= prompt_len):
+        position tables, key mask, marker embeddings, noise; then prefill the caches."""
+        lm, dev = self.lm, self.h.device
+        if embeds.shape[0] != self.h.shape[0] or embeds.shape[1] > self.P:
+            raise ValueError(f"prompt blocks {tuple(embeds.shape[:2])} do not fit this generator "
+                             f"({self.h.shape[0]} rows, {self.P} blocks)")
         first = self.P - mask.sum(1)  # each row's first prompt block
         self.keyok.copy_(self.kidx[None, :] >= first[:, None])
         pos = (self.kidx[None, :] - first[:, None]).clamp(min=0)
@@ -286,18 +288,29 @@ class FastImageGenerator:
             self.noise.copy_(gumbel_noise(*self.noise.shape[:3], lm.vocab.K, seed, dev))
         for t in (self.cursor, self.k, self.row):
             t.zero_()
-        self._chunk(F.pad(embeds, (0, 0, pad, 0)).to(self.h.dtype), keep_states=False)  # prefill
+        x = F.pad(embeds, (0, 0, self.P - embeds.shape[1], 0)).to(self.h.dtype)
+        self._chunk(x, keep_states=False)
         self.cursor.fill_(self.P)
+
+    def decode(self):
+        """Every row: its marker step, then its ``w`` visual steps (graph replays on CUDA)."""
         h, w = self.grid
         for _ in range(h):
             self._step("marker")
             for _ in range(w):
                 self._step("visual")
+
+    def result(self, include_markers: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[B, h*w, N]`` and condition states ``[B, T, D]`` (visual blocks only without markers)."""
         states = self.states[:, : self.T]
         if not include_markers:
-            states = states[:, torch.tensor(self.visual_at, device=dev)]
-        assert R == self.B * self.reps
+            states = states[:, torch.tensor(self.visual_at, device=states.device)]
         return self.codes.clone(), states.clone()
+
+    def run(self, embeds: torch.Tensor, mask: torch.Tensor, seed: int | None, include_markers: bool = True):
+        self.prepare(embeds, mask, seed)
+        self.decode()
+        return self.result(include_markers)
 
 
 def _generator_for(lm, key: tuple, make) -> FastImageGenerator:
