@@ -1,5 +1,5 @@
-"""Unified LLM: next-block-prediction training step (tokens/s, MFU), slot-restricted vs full-vocabulary
-heads, and KV-cached vs uncached image generation.
+"""Unified LLM: next-block-prediction training step (tokens/s, MFU on unpacked rows; packed rows are
+``bench_mfu``), slot-restricted vs full-vocabulary heads, and KV-cached vs uncached image generation.
 
 ``--scale tiny`` (default on CPU) or ``0.6b`` / ``1.7b`` (Qwen3-sized random backbones, default 0.6b on a GPU).
 """
@@ -20,16 +20,11 @@ QWEN3 = {
     "1.7b": dict(model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                  rope_theta=1e6, tie_word_embeddings=True),
+    "8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+               rope_theta=1e6, tie_word_embeddings=False),
     "tiny": TINY_QWEN3,
 }
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
-
-
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def make_batch(lm, rows: int, length: int, visual_frac: float, device):
@@ -46,23 +41,15 @@ def make_batch(lm, rows: int, length: int, visual_frac: float, device):
     return [t.to(device) for t in (tokens, codes, pos, targets)]
 
 
-def train_step_flops(lm, blocks: int, length: int) -> float:
-    """6 * params * blocks for the backbone (+ its causal attention), the block decoder's share on top."""
-    cfg = lm.backbone.config
-    params = sum(p.numel() for n, p in lm.backbone.named_parameters() if "embed_tokens" not in n)
-    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * length  # causal: half of 12
-    dec = 6 * sum(p.numel() for p in lm.decoder.parameters()) * lm.vocab.N
-    return blocks * (6 * params + attn + dec)
-
-
 def main(argv=None):
     from kelix.llm.generate import Sampling, generate_image
     from kelix.llm.loss import nbp_loss
     from kelix.llm.model import KelixLM, LLMConfig
+    from kelix.training.callbacks import peak_flops
 
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser()
-    p.add_argument("--scale", choices=list(QWEN3), default="0.6b" if cuda else "tiny")
+    p.add_argument("--scale", choices=[k for k in QWEN3 if k != "8b"], default="0.6b" if cuda else "tiny")
     p.add_argument("--rows", type=int, default=4 if cuda else 2)
     p.add_argument("--length", type=int, default=4096 if cuda else 256)
     p.add_argument("--visual-frac", type=float, default=0.5)
@@ -94,9 +81,9 @@ def main(argv=None):
            "blocks_per_row": a.length, "N": lm.vocab.N, "K": lm.vocab.K,
            "params_m": round(sum(q.numel() for q in lm.parameters()) / 1e6, 1),
            "train_step_s": round(t, 4), "blocks_per_s": round(blocks / t, 1)}
-    peak = peak_flops()
-    if peak:
-        res["mfu"] = round(train_step_flops(lm, blocks, a.length) / t / peak, 3)
+    peak = peak_flops(torch.device(device), torch.bfloat16)
+    if peak:  # one document per row (see bench_mfu for packed rows)
+        res["mfu"] = round(lm.train_flops(a.rows, a.length, visual_blocks=int((batch[0] < 0).sum())) / t / peak, 3)
         res["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     # slot-restricted heads (K rows per code slot) vs a full-vocabulary head for every slot

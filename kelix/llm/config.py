@@ -33,6 +33,15 @@ class LLMConfig:
         dtype: backbone weight dtype when loading (``float32`` for training with bf16-mixed).
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (default: flash when
             installed on a GPU, else sdpa).
+        packed_attention: how the documents of a packed row are kept apart (see
+            :mod:`kelix.llm.attention`): ``varlen`` flattens the rows into one sequence and attends
+            within each document (PyTorch's flash varlen kernel on CUDA in bf16/fp16; causal SDPA per
+            document elsewhere, the same result); ``mask`` is transformers' block-diagonal mask (a dense
+            ``[B, 1, L, L]`` one under SDPA, which loses SDPA's fast kernels); ``auto`` is varlen where the
+            CUDA kernel runs, else mask. Only SDPA backbones change: flash_attention_2 has its own varlen
+            path, flex_attention gets transformers' BlockMask, eager the mask.
+        compile_layers: ``torch.compile`` each backbone layer in place (names and checkpoints unchanged);
+            for GPU runs: the first steps compile (minutes), and on CPU inductor needs a C++ compiler.
         row_marker: text of each image row's marker (see :class:`~kelix.llm.layout.Layout`).
         loss_chunk: target positions whose vocabulary-wide logits exist at once in the loss, in
             training (the rest are recomputed in backward) and in validation alike; bounds the
@@ -61,6 +70,8 @@ class LLMConfig:
     decoder_ffn: int = 1536
     dtype: str | None = None
     attn_implementation: str | None = None
+    packed_attention: Literal["auto", "mask", "varlen"] = "auto"
+    compile_layers: bool = False
     row_marker: str = "{row},{cols}"
     loss_chunk: int = 2048
     visual_init_mass: float = 1e-4
@@ -76,6 +87,8 @@ class LLMConfig:
             raise ValueError(f"lm.predictor {self.predictor!r} is not block_decoder or parallel")
         if not 0 < self.visual_init_mass < 1:
             raise ValueError(f"lm.visual_init_mass {self.visual_init_mass} is not in (0, 1)")
+        if self.packed_attention not in ("auto", "mask", "varlen"):
+            raise ValueError(f"lm.packed_attention {self.packed_attention!r} is not auto, mask or varlen")
         if self.loss_chunk < 1:
             raise ValueError(f"lm.loss_chunk {self.loss_chunk} must be at least 1")
 

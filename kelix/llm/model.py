@@ -27,6 +27,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from kelix.llm.attention import VARLEN, doc_bounds, use_varlen, varlen_kernel
 from kelix.llm.config import BlockPrediction, LLMConfig
 from kelix.llm.decoder import BlockDecoder, ParallelHeads
 from kelix.llm.embed import VisualProjector
@@ -77,6 +78,13 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         if cfg.N is None or cfg.K is None:
             raise ValueError("lm: N and K are unknown: set lm.image_tokenizer (an exported tokenizer) or lm.N and lm.K")
         self.backbone = load_causal_lm(cfg.backbone, cfg.backbone_config, cfg.dtype, cfg.attn_implementation)
+        attn = self.backbone.config._attn_implementation
+        if cfg.packed_attention != "mask" and not use_varlen(self.backbone) and cfg.packed_attention == "varlen":
+            raise ValueError(f"lm.packed_attention=varlen needs an sdpa backbone without sliding-window layers "
+                             f"(attn_implementation is {attn}): use auto or mask")
+        if cfg.compile_layers:  # in place: parameter names and state dicts stay the model's own
+            for layer in self.body.layers:
+                layer.compile()
         # slot 0's log-prior of a visual block against a text one (a constant within any other slot)
         self.visual_bias = nn.Parameter(torch.zeros(1))
         if cfg.visual_offset is None:
@@ -98,7 +106,6 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         if cfg.predictor == "parallel":
             self.decoder = ParallelHeads(D, cfg.N)
         else:
-            attn = self.backbone.config._attn_implementation
             self.decoder = BlockDecoder(D, cfg.N, cfg.decoder_width, cfg.decoder_layers, cfg.decoder_heads,
                                         cfg.decoder_ffn, attn_implementation=attn if attn != "eager" else "sdpa")
         self.layout = Layout(self.text_tokenizer, cfg.row_marker)
@@ -207,14 +214,24 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
 
         ``cache``: a transformers ``DynamicCache`` to read and extend (generation), else none is
         built. Packed rows: position ids restart at 0 for each document; without a cache or an
-        attention mask transformers then isolates the documents (block-diagonal mask for SDPA; for
-        flash attention the rows are flattened into one, the only packed layout it recognises).
+        attention mask the documents are isolated: by ``kelix_varlen`` attention over the rows
+        flattened into one (``lm.packed_attention``, see :mod:`kelix.llm.attention`), by flash
+        attention's own varlen path (rows flattened too: the only packed layout it recognises), or
+        by transformers' block-diagonal mask (SDPA, eager; a BlockMask for flex_attention).
         """
         from kelix.hf import cache_kwargs, output_cache
 
         B, L, D = embeds.shape
-        flat = (self.backbone.config._attn_implementation.startswith("flash") and B > 1 and position_ids is not None
-                and cache is None and attention_mask is None)
+        attn = self.backbone.config._attn_implementation
+        packed = position_ids is not None and cache is None and attention_mask is None
+        extra = {}
+        if packed and attn == VARLEN and self._varlen_now(embeds):
+            cu = doc_bounds(position_ids)
+            # a prepared mask mapping skips transformers' mask building; a document never spans rows,
+            # so L bounds its length without reading the lengths back to the host
+            extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=L, max_length_k=L)
+            attention_mask = dict.fromkeys(("full_attention", "sliding_attention"))
+        flat = bool(extra) or (attn.startswith("flash") and B > 1 and packed)
         if flat:
             embeds, position_ids = embeds.reshape(1, B * L, D), position_ids.reshape(1, B * L)
         # h is the final norm's input: read there, since whether hidden_states[-1] is taken before or
@@ -223,13 +240,38 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         hook = self.final_norm.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
         try:
             out = self.body(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                            use_cache=cache is not None, **cache_kwargs(self.body, cache))
+                            use_cache=cache is not None, **cache_kwargs(self.body, cache), **extra)
         finally:
             hook.remove()
         if not seen:
             raise RuntimeError(f"{type(self.body).__name__} never called its final norm: h cannot be read")
         h = seen[-1]
         return (h.reshape(B, L, D) if flat else h), output_cache(self.body, out)
+
+    def _varlen_now(self, embeds: torch.Tensor) -> bool:
+        """``varlen``: always (the eager fallback off CUDA); ``auto``: where the CUDA kernel runs."""
+        if self.config.packed_attention == "varlen":
+            return True
+        half = embeds.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda")
+        return embeds.is_cuda and half and varlen_kernel() is not None
+
+    def train_flops(self, rows: int, length: int, square_sum=None, visual_blocks=None):
+        """Model FLOPs of one training step (forward + backward, 3x the forward's 2 per weight per
+        block) on ``rows x length`` blocks: the backbone's weights (embedding tables excluded), causal
+        attention within each document, the slot heads (slot 0 over text ids and sub-codebook 0, then
+        K rows per further slot of a visual block) and the block decoder (one slot for a text block,
+        N for a visual one). ``square_sum``: the sum of squared document lengths (default one document
+        per row; :func:`~kelix.llm.attention.square_sum` gives it from position ids on the device);
+        ``visual_blocks``: their number (default all). Both may be device tensors: no host sync."""
+        cfg, v = self.backbone.config, self.vocab
+        blocks = rows * length
+        sq = rows * length * length if square_sum is None else square_sum
+        vis = blocks if visual_blocks is None else visual_blocks
+        params = sum(p.numel() for n, p in self.body.named_parameters() if "embed" not in n)
+        hd = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        heads = self.hidden_size * ((v.visual_offset + v.K) * blocks + (v.N - 1) * v.K * vis)
+        dec = sum(p.numel() for p in self.decoder.parameters()) * (blocks + (v.N - 1) * vis)
+        return 6 * (params * blocks + heads + dec) + 6 * cfg.num_hidden_layers * hd * sq  # attention: 2 matmuls, causal
 
     # -- block decoder heads (Eq. 6)
     def slot_logits(self, out: torch.Tensor, slot: int, kind: str | None = None) -> torch.Tensor:
