@@ -1,4 +1,4 @@
-"""``kelix quickstart``: the whole Kelix pipeline on tiny models and synthetic data, on CPU.
+"""``kelix quickstart``: the whole Kelix pipeline on tiny models and synthetic data, on CPU, then its scorecard.
 
 Every stage is an ordinary ``kelix fit`` of a recipe in ``recipes/quickstart/`` (run in its own
 process, exactly as a user would), each starting from the previous stage's export:
@@ -8,16 +8,25 @@ process, exactly as a user would), each starting from the previous stage's expor
 3. LLM stage 2.2, multi-task with text-to-image (``llm_stage2_2.yaml``) -> ``runs/llm_stage2_2/export``
 4. DiT conditioned on that LLM (``dit.yaml`` + the ``dit_on_llm.yaml`` overlay) -> ``runs/dit_llm/export``
 
-Then the three exports are assembled into a pipeline (``outputs/quickstart/pipeline``), which answers
-a question about a synthetic image and writes a generated image. Synthetic shards are made on the way
-(``data/synthetic``). With tiny random-initialised models and minutes of CPU training the answers and
-images are rough: this proves the plumbing, not the quality.
+The terminal shows one progress bar and one summary line per stage (steps, seconds, final losses,
+samples read and skipped, from the run's TensorBoard log); each stage's full output goes to
+``<out>/logs/<stage>.log``. Then the exports are assembled into a pipeline (``<out>/pipeline``), scored
+on the held-out synthetic benchmarks against the README's bars (:mod:`kelix.quickstart_score`:
+``<out>/scores.json``, ``runs/quickstart``), and the first held-out question and prompt are shown with
+their truth. Synthetic shards are made on the way (``data/synthetic``).
+
+    kelix quickstart                       # train, score, demo
+    kelix quickstart --eval-only           # score the existing exports (or --pipeline DIR) again
+    kelix quickstart --max-steps 3 --eval-items 8 --require-bars   # exit 1 when a bar is missed
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -28,8 +37,12 @@ STAGES = [  # (run name, recipe files, export directory)
     ("llm_stage2_2", ["llm_stage2_2.yaml"], "runs/llm_stage2_2/export"),
     ("dit_llm", ["dit.yaml", "dit_on_llm.yaml"], "runs/dit_llm/export"),
 ]
-CONDITION_SIZE = 84  # the LLM stage 2.2 recipe's generation size: 3x3 visual blocks
-IMAGE_SIZE = 32  # the DiT quickstart's target size (recipes/quickstart/dit.yaml)
+# condition_size: the LLM stage 2.2 recipe's generation size (3x3 visual blocks); image_size: the DiT
+# recipe's target size (recipes/quickstart/dit.yaml)
+PIPELINE_CONFIG = dict(condition_size=84, image_size=32, steps=10, dit_cfg_scale=2.0)
+SCORE_LOGDIR = os.path.join("runs", "quickstart")
+_STEPS = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")  # kelix.training.progress.StepProgressBar
+_LOSSES = re.compile(r"\b((?:train|val)_loss)=([-+0-9.e]+|nan)")
 
 
 def find_recipes(explicit: str | None) -> str:
@@ -41,8 +54,8 @@ def find_recipes(explicit: str | None) -> str:
     raise SystemExit("kelix quickstart: recipes/quickstart not found; run it from the kelix checkout or pass --recipes")
 
 
-def run_stage(name: str, recipes: list[str], export: str, recipe_dir: str, max_steps: int | None, log,
-              overrides: list[str] = ()) -> float:
+def fit_command(name: str, recipes: list[str], export: str, recipe_dir: str, max_steps: int | None,
+                overrides: list[str] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "kelix.cli", "fit"]
     for r in recipes:
         cmd += ["--config", os.path.join(recipe_dir, r)]
@@ -50,73 +63,182 @@ def run_stage(name: str, recipes: list[str], export: str, recipe_dir: str, max_s
     if max_steps is not None:
         cmd += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max_steps),
                 "--trainer.log_every_n_steps", "1"]
-    cmd += list(overrides)
-    log(f"\n== [{name}] {' '.join(cmd[2:])}")
-    t = time.time()
+    return cmd + list(overrides)
+
+
+def _versions(name: str) -> list[str]:
+    root = os.path.join("runs", name)
+    found = [d for d in os.listdir(root) if d.startswith("version_")] if os.path.isdir(root) else []
+    return [os.path.join(root, d) for d in sorted(found, key=lambda d: int(d.split("_")[1]) if d[8:].isdigit() else -1)]
+
+
+def _follow(stream, log, bar) -> int | None:
+    """Copy the child's output to ``log``; drive ``bar`` from its step bar. Returns the last step seen."""
+    decoder, pending, step = codecs.getincrementaldecoder("utf-8")("replace"), "", None
+    while chunk := stream.read1(65536):
+        text = decoder.decode(chunk)
+        log.write(text)
+        *pieces, pending = re.split(r"[\r\n]", pending + text)
+        for piece in pieces:
+            m = _STEPS.search(piece)
+            if m:
+                step, total = int(m.group(1)), int(m.group(2))
+                if bar.total != total:
+                    bar.reset(total=total)
+                bar.n = step
+                losses = dict(_LOSSES.findall(piece))
+                bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in losses.items()), refresh=False)
+                bar.refresh()
+    return step
+
+
+def run_stage(name: str, cmd: list[str], export: str, log_dir: str) -> dict:
+    """Run one ``kelix fit``; its output goes to ``log_dir/<name>.log``, the terminal gets one bar."""
+    from tqdm.auto import tqdm
+
+    before = set(_versions(name))
+    path = os.path.join(log_dir, f"{name}.log")
     # Tiny models on a small CPU: one intra-op thread avoids thread contention (3-6x faster measured
-    # on 2 shared cores); a user's own OMP_NUM_THREADS wins.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(cmd, check=True, env=env)
+    # on 2 shared cores); a user's own OMP_NUM_THREADS wins. The log needs no weight-loading bars.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    t = time.time()
+    with open(path, "w") as log, tqdm(desc=f"{name:<13}", unit="step", dynamic_ncols=True,
+                                      postfix="starting (data, model)") as bar:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        try:
+            step = _follow(proc.stdout, log, bar)
+        finally:
+            rc = proc.wait()
+    seconds = time.time() - t
+    if rc != 0:
+        with open(path, errors="replace") as f:
+            tail = [line for line in f.read().replace("\r", "\n").splitlines() if line.strip()][-30:]
+        sys.stderr.write("\n".join(tail) + "\n")
+        raise SystemExit(f"kelix quickstart: stage {name} failed (exit {rc}); its whole output: {path}")
     if not os.path.isfile(os.path.join(export, "config.json")):
         raise SystemExit(f"kelix quickstart: stage {name} finished but wrote no export in {export}")
-    return time.time() - t
+    new = [v for v in _versions(name) if v not in before]
+    return {"status": "trained", "seconds": round(seconds, 1), "log": path, **run_summary(new[-1] if new else None),
+            **({"steps": step} if step is not None else {})}
 
 
-def demo(out_dir: str, log) -> dict:
-    """Assemble the pipeline, answer a question about a synthetic image, generate an image."""
-    import random
+def run_summary(version: str | None) -> dict:
+    """Final train/val losses, samples read and skipped per reason, from a run's TensorBoard log."""
+    if version is None:
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    import torch
+    acc = EventAccumulator(version, size_guidance={"scalars": 0})
+    acc.Reload()
+    last = {t: acc.Scalars(t)[-1] for t in acc.Tags()["scalars"]}
+    out = {"run": version, "losses": {t: last[t].value for t in ("train/loss", "val/loss") if t in last}}
+    if "train/loss" in last:
+        out["steps"] = last["train/loss"].step + 1
+    if "data/samples" in last:
+        out["samples"] = int(last["data/samples"].value)
+        out["skipped"] = {t.split("/", 2)[2]: int(s.value) for t, s in last.items()
+                          if t.startswith("data/skipped/") and s.value}
+    return out
 
-    from kelix.data.synthetic import make_sample
-    from kelix.llm.generate import Sampling
+
+def summary_line(name: str, s: dict) -> str:
+    if s["status"] == "skipped":
+        return f"{name:<13} skipped: {s['export']} exists"
+    parts = [f"{name:<13} {s.get('steps', '?')} steps in {s['seconds']:.0f} s"]
+    parts += [f"{k} {v:.3f}" for k, v in s.get("losses", {}).items()]
+    if "samples" in s:
+        skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
+        parts.append(f"{s['samples']} samples, skipped: {skipped}")
+    return "; ".join(parts) + f"  ({s['log']})"
+
+
+def assemble(out: str) -> str:
+    """``<out>/pipeline`` from the three exports."""
+    import transformers
+
     from kelix.pipeline import KelixPipeline
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = KelixPipeline.from_pretrained(tokenizer=STAGES[0][2], llm=STAGES[2][2], dit=STAGES[3][2], device=device,
-                                         condition_size=CONDITION_SIZE, image_size=IMAGE_SIZE, steps=10,
-                                         dit_cfg_scale=2.0)
-    pipe.save_pretrained(os.path.join(out_dir, "pipeline"))
-    meta, images = make_sample("vqa", random.Random(1234), (64, 160))
-    question, truth = meta["messages"][0]["content"][1]["text"], meta["messages"][1]["content"]
-    images[0].save(os.path.join(out_dir, "question.png"))
-    answer = pipe.understand(images[0], question, max_new_tokens=16)
-    prompt = "Generate an image of a red circle on a white background."
-    image = pipe.generate(prompt, seed=0, sampling=Sampling(temperature=1.0, top_k=8, seed=0))
-    image.save(os.path.join(out_dir, "generated.png"))
-    log(f"\nQ: {question}\nA (model): {answer!r}   (truth: {truth!r})\nprompt: {prompt}\n"
-        f"image: {os.path.join(out_dir, 'generated.png')}")
-    return {"question": question, "answer": answer, "truth": truth}
+    for name, _, export in STAGES[:1] + STAGES[2:]:
+        if not os.path.isfile(os.path.join(export, "config.json")):
+            raise SystemExit(f"kelix quickstart: {export}/config.json missing (stage {name}); train it first "
+                             "(kelix quickstart without --eval-only) or pass --pipeline")
+    transformers.utils.logging.disable_progress_bar()
+    pipe = KelixPipeline.from_pretrained(tokenizer=STAGES[0][2], llm=STAGES[2][2], dit=STAGES[3][2], **PIPELINE_CONFIG)
+    return pipe.save_pretrained(os.path.join(out, "pipeline"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kelix quickstart", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n")[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", help="directory of the quickstart recipes (default: recipes/quickstart)")
+    p.add_argument("--out", default="outputs/quickstart", help="pipeline, scores and demo outputs (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, help="override every stage's max_steps (e.g. 3 for a smoke run)")
+    p.add_argument("--skip-existing", action="store_true", help="skip stages whose export already exists")
+    p.add_argument("--eval-only", action="store_true", help="train nothing: score the existing exports")
+    p.add_argument("--pipeline", help="with --eval-only: score this pipeline directory instead of the exports")
+    p.add_argument("--eval-items", help="held-out items per benchmark: N, or vqa=N,ocr=N,t2i=N "
+                   "(default: vqa=120,ocr=120,t2i=60)")
+    p.add_argument("--benchmarks-dir", help="where the held-out benchmarks are written, or reused when they "
+                   "already hold enough items (default: <out>/benchmarks)")
+    p.add_argument("--gen-temperature", type=float, help="LLM sampling temperature of generated images (default 1)")
+    p.add_argument("--gen-top-k", type=int, help="LLM top-k of generated images (default 8)")
+    p.add_argument("--require-bars", action="store_true", help="exit 1 when any scorecard bar is missed")
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="after --: options for every stage's kelix fit, e.g. -- --trainer.accelerator gpu")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kelix quickstart", description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipes", help="directory of the quickstart recipes (default: recipes/quickstart)")
-    p.add_argument("--out", default="outputs/quickstart", help="pipeline and demo outputs (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, help="override every stage's max_steps (e.g. 5 for a smoke run)")
-    p.add_argument("--skip-existing", action="store_true", help="skip stages whose export already exists")
-    p.add_argument("overrides", nargs=argparse.REMAINDER,
-                   help="after --: options for every stage's kelix fit, e.g. -- --trainer.accelerator gpu")
-    a = p.parse_args(argv)
+    from kelix import quickstart_score as qs
+
+    a = _parser().parse_args(argv)
     overrides = a.overrides[1:] if a.overrides[:1] == ["--"] else a.overrides
-    recipe_dir = find_recipes(a.recipes)
-    os.makedirs(a.out, exist_ok=True)
-    log = print
-    times = {}
+    if a.pipeline and not a.eval_only:
+        raise SystemExit("kelix quickstart: --pipeline scores an existing pipeline; give it with --eval-only")
+    counts = qs.parse_items(a.eval_items)
     start = time.time()
-    for name, recipes, export in STAGES:
-        if a.skip_existing and os.path.isfile(os.path.join(export, "config.json")):
-            log(f"== [{name}] export exists, skipped: {export}")
-            continue
-        times[name] = run_stage(name, recipes, export, recipe_dir, a.max_steps, log, overrides)
-    demo(a.out, log)
-    log("\nstage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
-        + f"; total {time.time() - start:.0f}s")
-    log(f"TensorBoard logs: tensorboard --logdir runs   (runs/{{{','.join(s[0] for s in STAGES)}}}/version_N)")
-    log(f"exports: {', '.join(s[2] for s in STAGES)}\npipeline: {os.path.join(a.out, 'pipeline')} "
-        f"(kelix chat --pipeline {os.path.join(a.out, 'pipeline')} --image {os.path.join(a.out, 'question.png')} "
-        f"\"What color is the circle?\")")
-    return 0
+    log_dir = os.path.join(a.out, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    stages = {}
+    if not a.eval_only:
+        recipe_dir = find_recipes(a.recipes)
+        for name, recipes, export in STAGES:
+            if a.skip_existing and os.path.isfile(os.path.join(export, "config.json")):
+                stages[name] = {"status": "skipped", "export": export}
+            else:
+                stages[name] = run_stage(name, fit_command(name, recipes, export, recipe_dir, a.max_steps, overrides),
+                                         export, log_dir)
+            print(summary_line(name, stages[name]), flush=True)
+    pipeline = a.pipeline or assemble(a.out)
+    bench_root = a.benchmarks_dir or os.path.join(a.out, "benchmarks")
+    print(f"scoring {pipeline} on the held-out benchmarks in {bench_root} "
+          f"({', '.join(f'{n} {c}' for n, c in counts.items())} items)", flush=True)
+    qs.ensure_benchmarks(bench_root, counts)
+    gen = {k: v for k, v in (("temperature", a.gen_temperature), ("top_k", a.gen_top_k)) if v is not None}
+    t = time.time()
+    results = qs.evaluate(qs.load_model(pipeline, gen), bench_root, counts, os.path.join(a.out, "eval"))
+    card, demo = qs.scorecard(results), qs.demo(os.path.join(a.out, "eval"), bench_root, a.out)
+    seconds = {"stages": {k: s["seconds"] for k, s in stages.items() if "seconds" in s},
+               "eval": round(time.time() - t, 1), "total": round(time.time() - start, 1),
+               "eval_per_benchmark": {k: r["seconds"] for k, r in results.items()}}
+    print("\n" + qs.format_scorecard(card, counts) + "\n\n" + qs.format_demo(demo))
+    tb = qs.write_tensorboard(SCORE_LOGDIR, card, results, {**seconds["stages"], "eval": seconds["eval"],
+                                                            "total": seconds["total"]})
+    qs.write_scores(os.path.join(a.out, "scores.json"), card, results, counts, stages, seconds, demo)
+    print(f"\ntimes: {', '.join(f'{k} {v:.0f}s' for k, v in seconds['stages'].items())}"
+          f"{', ' if seconds['stages'] else ''}eval {seconds['eval']:.0f}s; total {seconds['total']:.0f}s\n"
+          f"scores: {os.path.join(a.out, 'scores.json')}; TensorBoard: tensorboard --logdir runs "
+          f"(scorecard in {tb}, stages in runs/{{{','.join(s[0] for s in STAGES)}}}/version_N)\n"
+          f"pipeline: {pipeline}   try: kelix chat --pipeline {pipeline} --image {demo['question_image']} "
+          f"{shlex.quote(demo['question'])}")
+    status = qs.exit_status(card, a.require_bars)
+    if status:
+        print("kelix quickstart: --require-bars: " + ", ".join(k for k, r in card.items() if not r["pass"])
+              + " below the bar", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

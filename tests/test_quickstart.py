@@ -1,23 +1,38 @@
-"""The README's first command, `kelix quickstart`, end to end (2 steps per stage), then `kelix chat` and
-`kelix generate` on its pipeline, as a user runs them: every artifact written, a clean terminal."""
+"""The README's first command, `kelix quickstart`, end to end (2 steps per stage, a few held-out items), then
+`kelix chat` and `kelix generate` on its pipeline, as a user runs them: every artifact, the scorecard in
+scores.json and TensorBoard, the demo's truth beside its answer, a clean terminal, notebook 03 on its outputs.
+The scorecard's table and exit status are checked on hand-made scores; the full quickstart against the README's
+bars is the slow test."""
 
+import io
+import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
 
+import nbformat
+import pytest
+from nbclient import NotebookClient
 from PIL import Image
+from tqdm import tqdm
+
+from kelix import quickstart as qs_cli
+from kelix import quickstart_score as qs
+from kelix.eval.answers import normalize_answer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # A Python warning ("file.py:12: UserWarning: ..."; Lightning drops the category) or a traceback.
 NOISE = re.compile(r"\.py:\d+: |\w+Warning\b|Traceback \(most recent call last\)")
+STAGE_NAMES = [s[0] for s in qs_cli.STAGES]
+ITEMS = {"synthetic-vqa": 6, "synthetic-ocr": 4, "synthetic-t2i": 3}
 
 
-def kelix(*args, cwd) -> subprocess.CompletedProcess:
+def kelix(*args, cwd, check=True) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "kelix.cli", *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+                         timeout=1800, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert not check or out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
@@ -25,25 +40,224 @@ def noise(stream: str) -> list[str]:
     return [line for line in stream.replace("\r", "\n").splitlines() if NOISE.search(line)]
 
 
-def test_whole_pipeline_quickstart_then_chat_and_generate_on_a_clean_terminal(tmp_path):
-    out = kelix("quickstart", "--recipes", str(REPO / "recipes" / "quickstart"), "--max-steps", "2", cwd=tmp_path)
-    for export in ("tokenizer", "llm", "llm_stage2_2", "dit_llm"):
-        assert (tmp_path / "runs" / export / "export" / "config.json").is_file(), export
-        assert list((tmp_path / "runs" / export).glob("version_*/events.out.tfevents.*")), export
-    pipe = tmp_path / "outputs" / "quickstart" / "pipeline"
-    assert {p.name for p in pipe.iterdir()} >= {"pipeline.json", "tokenizer", "llm", "dit"}
-    assert Image.open(tmp_path / "outputs" / "quickstart" / "generated.png").size == (32, 32)
-    assert "Q: " in out.stdout and "TensorBoard logs: tensorboard --logdir runs" in out.stdout
-    assert noise(out.stderr) == [] and noise(out.stdout) == []
-    terminal = out.stdout + out.stderr
-    assert "Epoch 0/-2" not in terminal and "FLOPs" not in terminal  # Lightning's bar and summary
-    assert "Steps: 100%" in terminal and terminal.count("part ") == 4  # the step bar; parameters per part
-    assert "args parameter" not in terminal
+def rows(path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
 
-    chat = kelix("chat", "--pipeline", str(pipe), "--image", str(tmp_path / "outputs/quickstart/question.png"),
-                 "--max-new-tokens", "8", "What color is the circle?", cwd=tmp_path)
-    gen = kelix("generate", "--pipeline", str(pipe), "--steps", "2", "--out", "g.png", "a red circle", cwd=tmp_path)
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """One short quickstart (2 steps per stage, 6/4/3 held-out items) that the tests below share."""
+    root = tmp_path_factory.mktemp("quickstart")
+    out = kelix("quickstart", "--recipes", str(REPO / "recipes" / "quickstart"), "--max-steps", "2",
+                "--eval-items", "vqa=6,ocr=4,t2i=3", cwd=root)
+    return root, out
+
+
+def test_quickstart_artifacts_then_chat_and_generate(quickstart):
+    root, _ = quickstart
+    for export in STAGE_NAMES:
+        assert (root / "runs" / export / "export" / "config.json").is_file(), export
+        assert list((root / "runs" / export).glob("version_*/events.out.tfevents.*")), export
+    pipe = root / "outputs" / "quickstart" / "pipeline"
+    assert {p.name for p in pipe.iterdir()} >= {"pipeline.json", "tokenizer", "llm", "dit"}
+    assert Image.open(root / "outputs" / "quickstart" / "generated.png").size == (32, 32)
+
+    chat = kelix("chat", "--pipeline", str(pipe), "--image", str(root / "outputs/quickstart/question.png"),
+                 "--max-new-tokens", "8", "What color is the circle?", cwd=root)
+    gen = kelix("generate", "--pipeline", str(pipe), "--steps", "2", "--out", "g.png", "a red circle", cwd=root)
     assert chat.stdout.strip().count("\n") == 0  # only the answer on stdout
-    assert Image.open(tmp_path / "g.png").size == (32, 32) and gen.stdout.startswith("wrote g.png")
+    assert Image.open(root / "g.png").size == (32, 32) and gen.stdout.startswith("wrote g.png")
     for run in (chat, gen):
         assert noise(run.stderr) == [], run.stderr[-3000:]
+
+
+def test_quickstart_terminal_is_one_bar_and_one_summary_line_per_stage(quickstart):
+    root, out = quickstart
+    assert noise(out.stderr) == [] and noise(out.stdout) == []
+    terminal = (out.stdout + out.stderr).replace("\r", "\n")
+    for name in STAGE_NAMES:  # "llm  2 steps in 31 s; train/loss 6.9; val/loss 7.0; 48 samples, skipped: none"
+        summary = [line for line in out.stdout.splitlines() if line.split(" ")[0] == name]
+        assert len(summary) == 1 and re.match(rf"{name} +2 steps in \d+ s; train/loss [\d.]+; val/loss [\d.]+; "
+                                              r"\d+ samples, skipped: ", summary[0]), summary
+        log = (root / "outputs" / "quickstart" / "logs" / f"{name}.log").read_text()
+        assert log.startswith("$ ") and "part " in log and "data: " in log  # kelix fit's own output, kept
+    bars = {line.split(":")[0].strip() for line in terminal.splitlines() if re.search(r"\d+/\d+ \[", line)}
+    assert bars == set(STAGE_NAMES) | set(qs.EVAL_ITEMS), bars  # no validation or weight-loading bars
+    for gone in ("Validation", "Loading weights", "Writing model shards", "Epoch 0/", "part ", "GPU available",
+                 "skipped sample"):
+        assert gone not in terminal, gone
+
+
+def test_quickstart_writes_the_scorecard_to_scores_json_and_tensorboard(quickstart):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, out = quickstart
+    scores = json.loads((root / "outputs" / "quickstart" / "scores.json").read_text())
+    assert scores["items"] == ITEMS and set(scores["bars"]) == set(qs.BARS)
+    for key, row in scores["bars"].items():
+        assert row["bar"] == qs.BARS[key].min and 0 <= row["value"] <= 1 and row["pass"] == (row["value"] >= row["bar"])
+    assert scores["passed"] == all(r["pass"] for r in scores["bars"].values())
+    bench = scores["benchmarks"]
+    assert set(bench["synthetic-ocr"]["overall"]) == {"exact", "char_acc", "corpus_char_acc"}
+    assert set(bench["synthetic-t2i"]["overall"]) == {"overall", "color", "count", "shape"}
+    assert {k: b["count"] for k, b in bench.items()} == ITEMS
+    # the VQA numbers, by hand from the predictions and the benchmark's categories
+    data = {r["id"]: r for r in rows(root / "outputs/quickstart/benchmarks/synthetic-vqa/data.jsonl")}
+    preds = rows(root / "outputs/quickstart/eval/synthetic-vqa/predictions.jsonl")
+    for cat, got in bench["synthetic-vqa"]["per_category"].items():
+        mine = [normalize_answer(p["prediction"]) == normalize_answer(data[p["id"]]["answer"]) for p in preds
+                if data[p["id"]]["category"] == cat]
+        assert got["acc"] == pytest.approx(sum(mine) / len(mine))
+    for name, s in scores["stages"].items():
+        assert s["status"] == "trained" and s["steps"] == 2 and set(s["losses"]) == {"train/loss", "val/loss"}, name
+    assert set(scores["seconds"]["stages"]) == set(STAGE_NAMES) and scores["seconds"]["total"] >= scores["seconds"]["eval"]
+    # TensorBoard: every bar's value, as scores.json has it
+    acc = EventAccumulator(str(root / "runs" / "quickstart" / "version_0"))
+    acc.Reload()
+    for key, row in scores["bars"].items():
+        assert acc.Scalars(f"scorecard/{key}")[-1].value == pytest.approx(row["value"])
+    assert "eval/synthetic-ocr/exact" in acc.Tags()["scalars"] and "time/tokenizer_s" in acc.Tags()["scalars"]
+    assert "scorecard (held-out synthetic benchmarks" in out.stdout
+    assert out.stdout.count(" pass ") + out.stdout.count(" FAIL ") == len(qs.BARS)
+
+
+def test_quickstart_demo_is_the_first_held_out_items_with_their_truth(quickstart):
+    root, out = quickstart
+    q = root / "outputs" / "quickstart"
+    vqa = rows(q / "benchmarks/synthetic-vqa/data.jsonl")[0]
+    t2i = rows(q / "benchmarks/synthetic-t2i/data.jsonl")[0]
+    answer = rows(q / "eval/synthetic-vqa/predictions.jsonl")[0]["prediction"]
+    assert f"Q: {vqa['question']}" in out.stdout
+    assert f"model: {answer!r}   truth: {vqa['answer']!r}" in out.stdout
+    assert f"prompt: Generate an image of {t2i['prompt']}." in out.stdout
+    assert f"truth: {t2i['count']} x {t2i['color']} {t2i['shape']}" in out.stdout
+    assert (q / "question.png").read_bytes() == (q / "benchmarks/synthetic-vqa" / vqa["image"]).read_bytes()
+    assert (q / "generated.png").read_bytes() == (q / "eval/synthetic-t2i/images/0.png").read_bytes()
+    assert f"--image {q.relative_to(root)}/question.png" in out.stdout
+
+
+def test_quickstart_eval_only_rescores_reusing_the_benchmarks(quickstart):
+    root, _ = quickstart
+    bench = root / "outputs/quickstart/benchmarks/synthetic-vqa/data.jsonl"
+    before = (bench.stat().st_mtime_ns, sorted(p.name for p in (root / "runs").iterdir()))
+    out = kelix("quickstart", "--eval-only", "--eval-items", "vqa=4,ocr=2,t2i=1", "--require-bars", cwd=root,
+                check=False)
+    assert out.returncode == 1, out.stderr[-3000:]  # two steps of training miss every bar
+    assert "--require-bars: synthetic-vqa/color" in out.stderr and noise(out.stderr) == []
+    assert (bench.stat().st_mtime_ns, sorted(p.name for p in (root / "runs").iterdir())) == before
+    assert not any(line.split(" ")[0] in STAGE_NAMES for line in out.stdout.splitlines())  # nothing trained
+    scores = json.loads((root / "outputs/quickstart/scores.json").read_text())
+    assert scores["items"] == {"synthetic-vqa": 4, "synthetic-ocr": 2, "synthetic-t2i": 1} and scores["stages"] == {}
+    assert len(rows(root / "outputs/quickstart/eval/synthetic-vqa/predictions.jsonl")) == 4  # none left from before
+    assert (root / "runs" / "quickstart" / "version_1").is_dir()
+
+
+def test_notebook_03_runs_on_the_quickstart(quickstart):
+    root, _ = quickstart
+    nb = nbformat.read(REPO / "notebooks" / "03_quickstart_results.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert not noise("".join(o.get("text", "") for o in outputs if o.output_type == "stream"))
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # questions, prompts, one image, histogram
+
+
+def hand_made_results(**change) -> dict:
+    """Scores as the runner returns them, each bar's metric a different value (one exactly at its bar)."""
+    results = {
+        "synthetic-vqa": {"overall": {"acc": 0.5}, "per_category": {"color": {"acc": 0.95}, "shape": {"acc": 0.79},
+                                                                    "count": {"acc": 0.70}}},
+        "synthetic-ocr": {"overall": {"exact": 0.1, "char_acc": 0.5, "corpus_char_acc": 0.81}},
+        "synthetic-t2i": {"overall": {"overall": 0.1, "color": 0.85, "count": 0.3, "shape": 0.2}},
+    }
+    for name, value in change.items():
+        results[name] = value
+    return results
+
+
+def test_scorecard_reads_each_bar_from_its_place_and_compares_at_least():
+    card = qs.scorecard(hand_made_results())
+    assert {k: r["value"] for k, r in card.items()} == {
+        "synthetic-vqa/color": 0.95, "synthetic-vqa/shape": 0.79, "synthetic-vqa/count": 0.70,
+        "synthetic-ocr/char_acc": 0.81, "synthetic-t2i/color": 0.85, "synthetic-t2i/shape": 0.2}
+    assert [k for k, r in card.items() if not r["pass"]] == ["synthetic-vqa/shape", "synthetic-t2i/shape"]
+    text = qs.format_scorecard(card, {"synthetic-vqa": 6})
+    lines = text.splitlines()
+    assert lines[0] == "scorecard (held-out synthetic benchmarks, vqa 6 items)"
+    assert re.match(r"  synthetic-vqa/count +70\.0% +70% +pass ", lines[4]), lines[4]
+    assert re.match(r"  synthetic-vqa/shape +79\.0% +80% +FAIL ", lines[3]), lines[3]
+    assert lines[-1] == "2 of 6 bars missed: synthetic-vqa/shape, synthetic-t2i/shape"
+    assert qs.exit_status(card, require_bars=False) == 0 and qs.exit_status(card, require_bars=True) == 1
+    # a benchmark that did not run (or lacks a category) fails its bars rather than passing unseen
+    missing = qs.scorecard(hand_made_results(**{"synthetic-t2i": {}}))
+    assert missing["synthetic-t2i/color"] == {"value": None, "bar": 0.8, "pass": False}
+    assert "  n/a" in qs.format_scorecard(missing)
+    good = qs.scorecard(hand_made_results(**{"synthetic-vqa": {"per_category": {c: {"acc": 1.0} for c in
+                                                                                ("color", "shape", "count")}},
+                                             "synthetic-t2i": {"overall": {"color": 0.8, "shape": 0.6}}}))
+    assert all(r["pass"] for r in good.values()) and qs.exit_status(good, require_bars=True) == 0
+    assert qs.format_scorecard(good).splitlines()[-1] == "all 6 bars met"
+
+
+def test_eval_items_option():
+    assert qs.parse_items(None) == qs.EVAL_ITEMS
+    assert qs.parse_items("8") == dict.fromkeys(qs.EVAL_ITEMS, 8)
+    assert qs.parse_items("vqa=10,t2i=3") == {**qs.EVAL_ITEMS, "synthetic-vqa": 10, "synthetic-t2i": 3}
+    for bad in ("0", "vqa=x", "mmbench=3", "vqa=3,"):
+        with pytest.raises(SystemExit, match="--eval-items"):
+            qs.parse_items(bad)
+
+
+def test_benchmarks_are_reused_when_they_hold_enough_items(tmp_path):
+    from kelix.eval.synthetic import write_benchmark
+
+    paths = qs.ensure_benchmarks(str(tmp_path / "b"), dict.fromkeys(qs.EVAL_ITEMS, 5))
+    stamp = {n: os.stat(p).st_mtime_ns for n, p in paths.items()}
+    assert qs.ensure_benchmarks(str(tmp_path / "b"), dict.fromkeys(qs.EVAL_ITEMS, 3)) == paths
+    assert {n: os.stat(p).st_mtime_ns for n, p in paths.items()} == stamp  # not rewritten
+    qs.ensure_benchmarks(str(tmp_path / "b"), {**dict.fromkeys(qs.EVAL_ITEMS, 3), "synthetic-ocr": 7})
+    assert len(rows(paths["synthetic-ocr"])) == 7 and len(rows(paths["synthetic-vqa"])) == 5
+    # why reuse is sound: the first rows of a longer split are a shorter split's rows, images included
+    short = write_benchmark("synthetic-vqa", str(tmp_path / "short"), 3)
+    assert rows(short) == rows(paths["synthetic-vqa"])[:3]
+    for r in rows(short):
+        assert (tmp_path / "short/synthetic-vqa" / r["image"]).read_bytes() == \
+            (tmp_path / "b/synthetic-vqa" / r["image"]).read_bytes()
+
+
+def test_stage_bar_follows_kelix_fit_step_bar():
+    """What `kelix fit` prints (Lightning's lines, its step bar with \\r, a validation bar) drives one bar."""
+    child = ("Seed set to 0\npart  trainable\n"
+             "Training: |          | 0/? [00:00<?, ?it/s]\rSteps:   0%|          | 0/4 [00:00<?, ?it/s]"
+             "\rSteps:  25%|██▌       | 1/4 [00:00<00:01,  1.39it/s, epoch=0, train_loss=5.870]"
+             "\rSteps:  75%|███████▌  | 3/4 [00:01<00:00,  1.97it/s, epoch=0, train_loss=5.940]\n"
+             "Validation DataLoader 0:  50%|█████     | 2/4 [00:00<00:00,  3.40it/s]\x1b[A\n"
+             "\rSteps: 100%|██████████| 4/4 [00:02<00:00,  1.05it/s, epoch=0, train_loss=5.770, val_loss=5.600]\n"
+             "data: 48 training samples read; skipped: none\n")
+    class Trickle:  # 7 bytes a read: lines and multi-byte characters arrive split
+        data = child.encode()
+
+        def read1(self, n):
+            chunk, self.data = self.data[:7], self.data[7:]
+            return chunk
+
+    stream = Trickle()
+    log, screen = io.StringIO(), io.StringIO()
+    with tqdm(file=screen) as bar:
+        step = qs_cli._follow(stream, log, bar)
+        assert (step, bar.n, bar.total) == (4, 4, 4)
+        assert bar.postfix == "train_loss=5.770, val_loss=5.600"
+    assert log.getvalue() == child  # the whole output kept, byte for byte
+
+
+@pytest.mark.slow
+def test_full_quickstart_meets_every_bar(tmp_path):
+    """README command 1 as it stands: the full quickstart, scored on the default held-out items."""
+    out = kelix("quickstart", "--recipes", str(REPO / "recipes" / "quickstart"), "--require-bars", cwd=tmp_path,
+                check=False)
+    scores = json.loads((tmp_path / "outputs" / "quickstart" / "scores.json").read_text())
+    assert scores["items"] == qs.EVAL_ITEMS
+    missed = {k: scores["bars"][k]["value"] for k, bar in qs.BARS.items()
+              if not scores["bars"][k]["value"] >= bar.min}
+    assert not missed, f"below the bar: {missed}\n{out.stdout[-3000:]}"
+    assert out.returncode == 0, out.stderr[-3000:]
