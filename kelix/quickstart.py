@@ -37,9 +37,8 @@ STAGES = [  # (run name, recipe files, export directory)
     ("llm_stage2_2", ["llm_stage2_2.yaml"], "runs/llm_stage2_2/export"),
     ("dit_llm", ["dit.yaml", "dit_on_llm.yaml"], "runs/dit_llm/export"),
 ]
-# condition_size: the LLM stage 2.2 recipe's generation size (3x3 visual blocks); image_size: the DiT
-# recipe's target size (recipes/quickstart/dit.yaml)
-PIPELINE_CONFIG = dict(condition_size=84, image_size=32, steps=10, dit_cfg_scale=2.0)
+# DiT sampling of the assembled pipeline; its sizes come from the recipes (pipeline_config)
+PIPELINE_CONFIG = dict(steps=10, dit_cfg_scale=2.0)
 SCORE_LOGDIR = os.path.join("runs", "quickstart")
 _STEPS = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")  # kelix.training.progress.StepProgressBar
 _LOSSES = re.compile(r"\b((?:train|val)_loss)=([-+0-9.e]+|nan)")
@@ -52,6 +51,32 @@ def find_recipes(explicit: str | None) -> str:
         if cand and os.path.isfile(os.path.join(cand, "tokenizer.yaml")):
             return cand
     raise SystemExit("kelix quickstart: recipes/quickstart not found; run it from the kelix checkout or pass --recipes")
+
+
+def _recipe_value(recipe_dir: str, files: list[str], keys: tuple[str, ...]):
+    import yaml
+
+    value = None
+    for name in files:  # an overlay's value wins
+        node = yaml.safe_load(open(os.path.join(recipe_dir, name))) or {}
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        value = node if node is not None else value
+    return value
+
+
+def pipeline_config(recipe_dir: str) -> dict:
+    """The pipeline's sizes as the recipes train them: ``condition_size`` is the LLM stage 2.2 generation
+    size (``gen_image.fixed_size``), ``image_size`` the DiT's ``target_size``."""
+    proc = ("data", "init_args", "processor", "init_args")
+    llm, dit = STAGES[2][1], STAGES[3][1]
+    sizes = {"condition_size": _recipe_value(recipe_dir, llm, (*proc, "gen_image", "fixed_size")),
+             "image_size": _recipe_value(recipe_dir, dit, (*proc, "target_size"))}
+    for k, v in sizes.items():
+        if not isinstance(v, int):
+            raise SystemExit(f"kelix quickstart: {recipe_dir}: no {k} found in {llm if k[0] == 'c' else dit} "
+                             f"(expected an int, got {v!r})")
+    return {**sizes, **PIPELINE_CONFIG}
 
 
 def fit_command(name: str, recipes: list[str], export: str, recipe_dir: str, max_steps: int | None,
@@ -155,8 +180,8 @@ def summary_line(name: str, s: dict) -> str:
     return "; ".join(parts) + f"  ({s['log']})"
 
 
-def assemble(out: str) -> str:
-    """``<out>/pipeline`` from the three exports."""
+def assemble(out: str, recipe_dir: str) -> str:
+    """``<out>/pipeline`` from the three exports, sized as the recipes trained them."""
     import transformers
 
     from kelix.pipeline import KelixPipeline
@@ -166,7 +191,8 @@ def assemble(out: str) -> str:
             raise SystemExit(f"kelix quickstart: {export}/config.json missing (stage {name}); train it first "
                              "(kelix quickstart without --eval-only) or pass --pipeline")
     transformers.utils.logging.disable_progress_bar()
-    pipe = KelixPipeline.from_pretrained(tokenizer=STAGES[0][2], llm=STAGES[2][2], dit=STAGES[3][2], **PIPELINE_CONFIG)
+    pipe = KelixPipeline.from_pretrained(tokenizer=STAGES[0][2], llm=STAGES[2][2], dit=STAGES[3][2],
+                                         **pipeline_config(recipe_dir))
     return pipe.save_pretrained(os.path.join(out, "pipeline"))
 
 
@@ -203,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = os.path.join(a.out, "logs")
     os.makedirs(log_dir, exist_ok=True)
     stages = {}
+    recipe_dir = None if a.pipeline else find_recipes(a.recipes)
     if not a.eval_only:
-        recipe_dir = find_recipes(a.recipes)
         for name, recipes, export in STAGES:
             if a.skip_existing and os.path.isfile(os.path.join(export, "config.json")):
                 stages[name] = {"status": "skipped", "export": export}
@@ -212,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 stages[name] = run_stage(name, fit_command(name, recipes, export, recipe_dir, a.max_steps, overrides),
                                          export, log_dir)
             print(summary_line(name, stages[name]), flush=True)
-    pipeline = a.pipeline or assemble(a.out)
+    pipeline = a.pipeline or assemble(a.out, recipe_dir)
     bench_root = a.benchmarks_dir or os.path.join(a.out, "benchmarks")
     print(f"scoring {pipeline} on the held-out benchmarks in {bench_root} "
           f"({', '.join(f'{n} {c}' for n, c in counts.items())} items)", flush=True)

@@ -60,13 +60,14 @@ def test_quickstart_artifacts_then_chat_and_generate(quickstart):
         assert list((root / "runs" / export).glob("version_*/events.out.tfevents.*")), export
     pipe = root / "outputs" / "quickstart" / "pipeline"
     assert {p.name for p in pipe.iterdir()} >= {"pipeline.json", "tokenizer", "llm", "dit"}
-    assert Image.open(root / "outputs" / "quickstart" / "generated.png").size == (32, 32)
+    side = qs_cli.pipeline_config(str(REPO / "recipes" / "quickstart"))["image_size"]  # the DiT recipe's
+    assert Image.open(root / "outputs" / "quickstart" / "generated.png").size == (side, side)
 
     chat = kelix("chat", "--pipeline", str(pipe), "--image", str(root / "outputs/quickstart/question.png"),
                  "--max-new-tokens", "8", "What color is the circle?", cwd=root)
     gen = kelix("generate", "--pipeline", str(pipe), "--steps", "2", "--out", "g.png", "a red circle", cwd=root)
     assert chat.stdout.strip().count("\n") == 0  # only the answer on stdout
-    assert Image.open(root / "g.png").size == (32, 32) and gen.stdout.startswith("wrote g.png")
+    assert Image.open(root / "g.png").size == (side, side) and gen.stdout.startswith("wrote g.png")
     for run in (chat, gen):
         assert noise(run.stderr) == [], run.stderr[-3000:]
 
@@ -223,6 +224,19 @@ def test_benchmarks_are_reused_when_they_hold_enough_items(tmp_path):
     for r in rows(short):
         assert (tmp_path / "short/synthetic-vqa" / r["image"]).read_bytes() == \
             (tmp_path / "b/synthetic-vqa" / r["image"]).read_bytes()
+
+
+def test_pipeline_sizes_come_from_the_recipes(tmp_path):
+    proc = "data:\n  init_args:\n    processor:\n      init_args:\n"
+    (tmp_path / "llm_stage2_2.yaml").write_text(proc + "        gen_image: {fixed_size: 56}\n")
+    (tmp_path / "dit.yaml").write_text(proc + "        target_size: 32\n")
+    (tmp_path / "dit_on_llm.yaml").write_text(proc + "        target_size: 48\n")
+    assert qs_cli.pipeline_config(str(tmp_path)) == {**qs_cli.PIPELINE_CONFIG, "condition_size": 56, "image_size": 48}
+    (tmp_path / "dit_on_llm.yaml").write_text("model: {}\n")  # an overlay without it keeps the base's
+    assert qs_cli.pipeline_config(str(tmp_path))["image_size"] == 32
+    (tmp_path / "dit.yaml").write_text(proc + "        other: 1\n")
+    with pytest.raises(SystemExit, match="no image_size found in"):
+        qs_cli.pipeline_config(str(tmp_path))
 
 
 def test_stage_bar_follows_kelix_fit_step_bar():
