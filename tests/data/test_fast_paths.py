@@ -15,22 +15,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile, JpegImagePlugin
+from PIL import Image, JpegImagePlugin
 
 from benchmarks.bench_data import photo, photo_jpeg
 from kelix.data.decode import decode_fields, decode_image, describe_error, is_lazy
 from kelix.data.images import ImageConfig, normalize, resize_image, to_tensor, to_uint8_tensor
 from kelix.data.schema import SampleError, parse_sample
+from tests.data import test_decode
 
-
-@pytest.fixture
-def loads(monkeypatch):
-    """Sizes of every image decode (``load``) while the test runs."""
-    calls = []
-    for cls in (Image.Image, ImageFile.ImageFile):
-        original = cls.load
-        monkeypatch.setattr(cls, "load", lambda self, _o=original: calls.append(self.size) or _o(self))
-    return calls
+loads = test_decode.loads  # the fixture counting image decodes (sizes of every load)
 
 
 @pytest.fixture
