@@ -97,10 +97,12 @@ def _layer(layer, x: torch.Tensor, cos, sin, kv, mask) -> torch.Tensor:
 
 def _block_embed(lm, codes: torch.Tensor) -> torch.Tensor:
     """Codes ``[B, N]`` -> visual block input embeddings ``[B, D]``: ``embed_blocks``' visual branch
-    without its range check (a host sync; sampled codes are in range by construction)."""
+    without its range check (a host sync; sampled codes are in range by construction) and with a
+    gather and sum for ``embedding_bag`` (the same values; some releases' CUDA forward syncs)."""
     emb = lm.backbone.get_input_embeddings()
     if lm.visual is None:
-        return F.embedding_bag(lm.vocab.code_to_id(codes), emb.weight, mode="sum")
+        ids = lm.vocab.code_to_id(codes)
+        return emb.weight.index_select(0, ids.flatten()).view(*ids.shape, -1).sum(-2)
     return lm.visual.block(codes).to(emb.weight.dtype)
 
 
@@ -159,6 +161,7 @@ class FastImageGenerator:
             body = lm.decoder.body
             z = torch.zeros(1, device=dev, dtype=lm.decoder.proj_in.weight.dtype)
             self.dec_cos, self.dec_sin = body.rotary_emb(z, torch.arange(N, device=dev)[None])
+        self.cursor.fill_(prompt_len)  # where the first image block goes (warm-up steps write there)
         self.graphs = self._capture() if graphs else None
 
     # -- the steps (fixed shapes, indices on the device)
@@ -232,34 +235,36 @@ class FastImageGenerator:
         self.cursor += n
         self.row += 1
 
-    def _capture(self) -> dict:
-        """CUDA graphs of both steps, after a warm-up on a side stream (its writes land past the
-        cursor, where the run writes again; counters and ``h`` are restored)."""
+    @torch.no_grad()
+    def _warm_up(self):
+        """Run each step twice from the current state, then restore counters and ``h``: its writes
+        land at and past the cursor, where a run writes again before reading."""
         keep = [t.clone() for t in (self.cursor, self.k, self.row, self.h)]
+        for _ in range(2):
+            for fn in (self._marker_step, self._visual_step):
+                for t, v in zip((self.cursor, self.k, self.row, self.h), keep):
+                    t.copy_(v)
+                fn()
+        for t, v in zip((self.cursor, self.k, self.row, self.h), keep):
+            t.copy_(v)
 
-        def restore():
-            for t, v in zip((self.cursor, self.k, self.row, self.h), keep):
-                t.copy_(v)
-
-        steps = {"marker": self._marker_step, "visual": self._visual_step}
+    @torch.no_grad()
+    def _capture(self) -> dict:
+        """CUDA graphs of both steps (capture records, it does not run them), after a warm-up on a
+        side stream."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
-                for fn in steps.values():
-                    restore()
-                    fn()
+            self._warm_up()
         torch.cuda.current_stream().wait_stream(side)
         pool, graphs = torch.cuda.graph_pool_handle(), {}
-        # autocast's cache of cast weights would be freed after capture while the graph reads it
-        amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False,
-                             enabled=torch.is_autocast_enabled("cuda"))
-        for name, fn in steps.items():
-            restore()
+        for name, fn in (("marker", self._marker_step), ("visual", self._visual_step)):
             graphs[name] = torch.cuda.CUDAGraph()
+            # autocast's cache of cast weights would be freed after capture while the graph reads it
+            amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False,
+                                 enabled=torch.is_autocast_enabled("cuda"))
             with amp, torch.cuda.graph(graphs[name], pool=pool):
                 fn()
-        restore()
         return graphs
 
     def _step(self, name: str):
@@ -269,6 +274,7 @@ class FastImageGenerator:
             (self._visual_step if name == "visual" else self._marker_step)()
 
     # -- one call: prepare (host work, a few syncs), decode (no sync), result
+    @torch.no_grad()
     def prepare(self, embeds: torch.Tensor, mask: torch.Tensor, seed: int | None):
         """Load prompt blocks ``embeds [R, p, D]``, ``mask [R, p]`` (left padded, p <= prompt_len):
         position tables, key mask, marker embeddings, noise; then prefill the caches."""
@@ -292,6 +298,7 @@ class FastImageGenerator:
         self._chunk(x, keep_states=False)
         self.cursor.fill_(self.P)
 
+    @torch.no_grad()
     def decode(self):
         """Every row: its marker step, then its ``w`` visual steps (graph replays on CUDA)."""
         h, w = self.grid

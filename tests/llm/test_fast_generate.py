@@ -71,14 +71,17 @@ def test_sampled_codes_are_gumbel_max_of_the_teacher_forced_logits(lm_table, cfg
 
 def test_a_reused_generator_equals_a_fresh_one(lm_table):
     """Calls of one shape share a generator (its buffers are reset per call): prompts A, then B, then
-    A again give what fresh generators give."""
+    A again give what fresh generators give, these first warmed up as before a CUDA-graph capture
+    (steps run and undone: no trace may remain)."""
     lm, grid, s = lm_table, (2, 3), Sampling(temperature=0.0, cfg_scale=2.0)
     a, b = ["red", "a blue square"], ["green circle", "x"]
 
     def fresh(prompts):
         docs = [prompt_doc(lm, p) for p in prompts] + [prompt_doc(lm, "") for _ in prompts]
         embeds, mask = _left_pad(lm, docs)
-        return FastImageGenerator(lm, 2, 32, grid, s, graphs=False).run(embeds, mask, None)
+        gen = FastImageGenerator(lm, 2, 32, grid, s, graphs=False)
+        gen._warm_up()
+        return gen.run(embeds, mask, None)
 
     first, second, again = (fast_generate_image(lm, p, grid, s) for p in (a, b, a))
     for got, prompts in ((first, a), (second, b), (again, a)):
