@@ -167,3 +167,37 @@ def test_uint8_until_the_device_then_normalize_equals_to_tensor():
     torch.testing.assert_close(normalize(x, cfg), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(normalize(torch.stack([x, x]), cfg)[1], want, atol=1e-6, rtol=0)  # batched too
     assert to_uint8_tensor(img.convert("L")).shape == (3, 61, 97)
+
+
+class _Resize:
+    """A processor that sizes its image as the kit's do: header checks, then decode and resize."""
+
+    cfg = ImageConfig(max_pixels=28 * 28 * 16, aspect_range=(0.5, 2.0))
+
+    def __call__(self, sample):
+        return sample.key, tuple(to_uint8_tensor(resize_image(sample.images[0].pixels, self.cfg)).shape)
+
+
+@pytest.mark.xfail(strict=True, reason="kelix/data/stream.py must pass lazy=self.processor is not None to "
+                                       "decode_fields; remove this mark when it does")
+def test_a_stream_with_a_processor_decodes_lazily_and_skips_by_the_header(tmp_path, loads, drafts):
+    from kelix.data.shards import Source
+    from kelix.data.stream import ShardStream
+    from tests.conftest import write_shard
+
+    seg = {"segments": [{"type": "image", "image": "0.jpg"}]}
+    photo_bytes, wide, cut = photo_jpeg(640, 480, seed=9), photo_jpeg(900, 200, seed=10), photo_jpeg(400, 300)
+    shard = write_shard(tmp_path / "s.tar", [{"__key__": "ok", "json": seg, "0.jpg": photo_bytes},
+                                             {"__key__": "wide", "json": seg, "0.jpg": wide},
+                                             {"__key__": "cut", "json": seg, "0.jpg": cut[: len(cut) // 2]}])
+    loads.clear()
+    s = ShardStream([Source(shard)], processor=_Resize(), repeat=False, shuffle_buffer=1)
+    assert [key for key, _ in s] == ["ok"]
+    assert {k: v for k, v in s.stats.items() if k.startswith("skipped/")} == {
+        "skipped/aspect_ratio": 1, "skipped/corrupt_image": 1}
+    assert (900, 200) not in loads and (640, 480) not in loads  # never decoded; the kept one at a draft scale
+    assert drafts and drafts[0][1] == (160, 120)
+    loads.clear()
+    plain = ShardStream([Source(shard)], repeat=False, shuffle_buffer=1)  # no processor: every image decoded now
+    assert [x.key for x in plain] == ["ok", "wide"] and plain.stats["skipped/corrupt_image"] == 1
+    assert (640, 480) in loads and (900, 200) in loads
