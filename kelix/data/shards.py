@@ -8,11 +8,12 @@ count, so a tar cut exactly at a member boundary (which reads as a valid, shorte
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from webdataset.gopen import gopen
@@ -129,18 +130,28 @@ def load_manifest(path: str) -> dict[str, int]:
 
 
 # -- reading one shard
-def _members(url: str, max_member_bytes: int) -> Iterator[tuple[str, bytes | None, int]]:
-    """``(name, data, size)`` of the wanted regular members; ``data`` is None for a member over the cap.
+def _open_tar(url: str):
+    """A local file is opened for random access (a member's data is skipped by a seek, not read);
+    anything else (URLs, pipes) as a stream."""
+    if not url.startswith(REMOTE_PREFIXES) and os.path.isfile(url):
+        return contextlib.nullcontext(), tarfile.open(url, mode="r:*")
+    stream = gopen(url, "rb")
+    return stream, tarfile.open(fileobj=stream, mode="r|*")
+
+
+def _members(url: str) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+    """``(name, size, read)`` of the wanted regular members; ``read()`` returns the data (call it
+    before the next member, or never: an unread member of a local file is skipped by a seek).
 
     Own tar loop rather than webdataset's ``tar_file_iterator``: the size check needs the member's
-    header before its data is read (the stream skips an oversized member without holding it).
+    header before its data is read, and samples before a resume point need no data at all.
     """
-    with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+    stream, tar = _open_tar(url)
+    with stream, tar:
         for info in tar:
             if info.isreg() and is_wanted(info.name):
-                big = info.size > max_member_bytes
-                yield info.name, None if big else tar.extractfile(info).read(), info.size
-            tar.members = []  # a stream: keep no member history
+                yield info.name, info.size, lambda info=info: tar.extractfile(info).read()
+            tar.members = []  # keep no member history
 
 
 def read_shard(url: str, start: int = 0, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
@@ -152,11 +163,13 @@ def read_shard(url: str, start: int = 0, max_member_bytes: int = DEFAULT_MAX_MEM
     indices of the others never move: a key seen before in the shard (``duplicate_key``; the first
     one is kept), a member larger than ``max_member_bytes`` (``oversized_member``). With
     ``expected`` (the manifest's count), a shard that ends early raises
-    :class:`SampleError` ``truncated_shard`` after its last sample.
+    :class:`SampleError` ``truncated_shard`` after its last sample. The samples before ``start``
+    are counted from the member names alone: their data is never read (a resumed or restored
+    stream does not re-read a local shard's first part, only its headers).
     """
     seen: set[str] = set()
     n, current, suffixes = 0, None, set()
-    for name, data, size in _members(url, max_member_bytes):
+    for name, size, read in _members(url):
         key, suffix = base_plus_ext(name)
         if key is None:
             continue
@@ -171,13 +184,16 @@ def read_shard(url: str, start: int = 0, max_member_bytes: int = DEFAULT_MAX_MEM
                 current["__error__"] = ("duplicate_key", f"key {key!r} appears again in the shard (member {name})")
             seen.add(key)
         suffixes.add(suffix)
-        if "__error__" in current:
+        if n < start:
             continue
-        if data is None:
-            current = {"__key__": key, "__url__": url, "__error__": (
-                "oversized_member", f"member {name} is {size} bytes, over max_member_bytes = {max_member_bytes}")}
+        if size > max_member_bytes:
+            if "__error__" not in current:
+                current = {"__key__": key, "__url__": url, "__error__": (
+                    "oversized_member", f"member {name} is {size} bytes, over max_member_bytes = {max_member_bytes}")}
             continue
-        current[suffix] = data
+        data = read()
+        if "__error__" not in current:
+            current[suffix] = data
     if current is not None:
         if n >= start:
             yield n, current
