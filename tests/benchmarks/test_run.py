@@ -7,13 +7,14 @@ from pathlib import Path
 from benchmarks.run import main
 
 FIELDS = {  # each benchmark's headline fields (benchmarks/README.md's table)
-    "nbp": {"nbp_over_single", "flat_over_nbp", "nbp_peak_memory_gib", "single_peak_memory_gib",
+    "nbp": {"nbp_over_single", "flat_over_nbp", "flops_nbp_over_single", "flops_flat_over_nbp", "nbp_peak_memory_gib", "single_peak_memory_gib",
             "flat_peak_memory_gib", "patches_per_image", "nbp_sequence", "flat_sequence", "device"},
     "mfu": {"tokens_per_s", "mfu", "flops_model", "flops_measured", "blocks_per_row", "packed_attention",
             "mask_over_varlen", "device"},
     "pq_encode": {"ours_over_faiss", "ours_over_gemm", "codes_equal"},
     "generate": {"fast_over_eager", "fast_over_eager_cpu", "codes_equal"},
-    "data_stream": set(), "dit": set(), "llm": set(), "tokenizer": set(),
+    "data_stream": {"loader_samples_per_s", "step_samples_per_s", "loader_over_step"},
+    "dit": set(), "llm": set(), "tokenizer": set(),
 }
 
 

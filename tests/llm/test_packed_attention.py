@@ -112,3 +112,21 @@ def test_cuda_varlen_kernel_equals_the_eager_fallback():
     torch.testing.assert_close(fast.float(), ref, rtol=2e-2, atol=2e-2)
     fast.float().sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.slow  # inductor compiles the layers on CPU for about 100 s
+def test_compiled_layers_equal_the_eager_model(make_lm):
+    out = []
+    for compiled in (False, True):
+        lm = make_lm(seed=7, visual_input="table", compile_layers=compiled)
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in lm.body.layers)
+        b = collate_docs(random_doc_batch(lm, LENGTHS, seed=8), lm.vocab.N, pack=True, max_blocks=20)
+        _, loss = _forward(lm, b, grad=True)
+        loss["loss"].backward()
+        out.append((loss["loss"].detach(), {n: p.grad for n, p in lm.named_parameters() if p.grad is not None}))
+        assert all(("_orig_mod" not in k) for k in lm.state_dict())  # checkpoints keep the model's names
+    (l0, g0), (l1, g1) = out
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)
