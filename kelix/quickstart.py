@@ -119,14 +119,13 @@ def _follow(stream, log, bar) -> int | None:
 
 def run_stage(name: str, cmd: list[str], export: str, log_dir: str) -> dict:
     """Run one ``kelix fit``; its output goes to ``log_dir/<name>.log``, the terminal gets one bar."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     before = set(_versions(name))
     path = os.path.join(log_dir, f"{name}.log")
     # Tiny models on a small CPU: one intra-op thread avoids thread contention (3-6x faster measured
     # on 2 shared cores); a user's own OMP_NUM_THREADS wins. The log needs no weight-loading bars.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     t = time.time()
     with open(path, "w") as log, tqdm(desc=f"{name:<13}", unit="step", dynamic_ncols=True,
                                       postfix="starting (data, model)") as bar:

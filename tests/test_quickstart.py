@@ -239,6 +239,27 @@ def test_pipeline_sizes_come_from_the_recipes(tmp_path):
         qs_cli.pipeline_config(str(tmp_path))
 
 
+def test_stage_summary_line_from_the_runs_tensorboard_log(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "version_3")) as w:  # what a fit logs, by hand
+        for step, loss in enumerate([5.0, 4.0, 3.25, 2.5]):
+            w.add_scalar("train/loss", loss, step)
+        w.add_scalar("val/loss", 2.75, 3)
+        w.add_scalar("train/nll_text", 9.0, 3)
+        w.add_scalar("data/samples", 640, 3)
+        w.add_scalar("data/skipped/aspect_ratio", 11, 3)
+        w.add_scalar("data/skipped/bad_json", 0, 3)
+    s = qs_cli.run_summary(str(tmp_path / "version_3"))
+    assert s == {"run": str(tmp_path / "version_3"), "losses": {"train/loss": 2.5, "val/loss": 2.75}, "steps": 4,
+                 "samples": 640, "skipped": {"aspect_ratio": 11}}
+    line = qs_cli.summary_line("llm", {"status": "trained", "seconds": 61.4, "log": "logs/llm.log", **s})
+    assert line == ("llm           4 steps in 61 s; train/loss 2.500; val/loss 2.750; 640 samples, "
+                    "skipped: aspect_ratio 11  (logs/llm.log)")
+    assert qs_cli.summary_line("dit_llm", {"status": "skipped", "export": "runs/dit_llm/export"}) == \
+        "dit_llm       skipped: runs/dit_llm/export exists"
+
+
 def test_stage_bar_follows_kelix_fit_step_bar():
     """What `kelix fit` prints (Lightning's lines, its step bar with \\r, a validation bar) drives one bar."""
     child = ("Seed set to 0\npart  trainable\n"
