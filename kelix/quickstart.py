@@ -196,7 +196,7 @@ def assemble(out: str, recipe_dir: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kelix quickstart", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="kelix quickstart", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 epilog=__doc__.split("\n\n")[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", help="directory of the quickstart recipes (default: recipes/quickstart)")
     p.add_argument("--out", default="outputs/quickstart", help="pipeline, scores and demo outputs (default: %(default)s)")
