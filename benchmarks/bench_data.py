@@ -143,9 +143,9 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--image-size", type=int, nargs=2, default=[4000, 3000] if cuda else [2000, 1500],
                    metavar=("W", "H"), help="JPEG size written into the shards")
-    p.add_argument("--samples", type=int, default=128 if cuda else 24, help="samples written")
+    p.add_argument("--samples", type=int, default=128 if cuda else 16, help="samples written")
     p.add_argument("--batch-size", type=int, default=8 if cuda else 4)
-    p.add_argument("--batches", type=int, default=8 if cuda else 3, help="batches timed per worker count")
+    p.add_argument("--batches", type=int, default=8 if cuda else 2, help="batches timed per worker count")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--scale", default="0.6b" if cuda else "tiny", help="LLM size of the step (bench_llm's scales)")
     a = p.parse_args(argv)

@@ -32,6 +32,8 @@ from torch import nn
 MAX_DIST_ELEMS = 2**25
 # on CPU: 256 tokens per chunk, the GEMM's fastest row count here (fewer starve it, more spill the cache)
 CPU_CHUNK_TOKENS = 256
+# on CPU numpy's SIMD argmin is ~3x torch's per thread (single-threaded, though); the same first-minimum rule
+CPU_NUMPY_ARGMIN = True
 
 
 @dataclass
@@ -80,7 +82,7 @@ def nearest_codes(z: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
         # ||c||^2 first, then the GEMM accumulates -2 z.c onto it in place (BLAS beta = 1): the
         # arithmetic of baddbmm(c2, ...), without its slower out= path on CPU
         block.copy_(c2.expand_as(block)).baddbmm_(zt[:, s:e], cbt, beta=1.0, alpha=-2.0)
-        if cpu:  # numpy's SIMD argmin is ~3x torch's on CPU rows; same first-minimum rule (and NaN first)
+        if cpu and CPU_NUMPY_ARGMIN:
             out[:, s:e] = torch.from_numpy(block.numpy().argmin(-1))
         else:
             torch.argmin(block, -1, out=out[:, s:e])

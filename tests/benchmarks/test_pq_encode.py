@@ -17,9 +17,11 @@ def _normed(*shape, seed):
     return torch.nn.functional.layer_norm(torch.randn(*shape, generator=g), shape[-1:])
 
 
+@pytest.mark.parametrize("numpy_argmin", [True, False])  # False: the torch argmin a GPU runs
 @pytest.mark.parametrize(("T", "N", "K", "d", "chunk"), [(700, 3, 64, 16, 128), (257, 8, 512, 32, 256), (5, 2, 8, 4, 2)])
-def test_fast_search_equals_eager_faiss_pq_and_brute_force(monkeypatch, T, N, K, d, chunk):
+def test_fast_search_equals_eager_faiss_pq_and_brute_force(monkeypatch, T, N, K, d, chunk, numpy_argmin):
     monkeypatch.setattr("kelix.tokenizer.quantizer.CPU_CHUNK_TOKENS", chunk)  # several chunks, a shorter last one
+    monkeypatch.setattr("kelix.tokenizer.quantizer.CPU_NUMPY_ARGMIN", numpy_argmin)
     z, cb = _normed(T, N, d, seed=T), _normed(N, K, d, seed=K)
     codes = nearest_codes(z, cb)
     assert codes.shape == (T, N) and codes.dtype == torch.long
