@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import tempfile
 import time
 from dataclasses import replace
@@ -172,6 +173,8 @@ def main(argv=None):
     res.update(step_rate(batch, a.scale, N, K, device))
     res["batch_blocks"] = batch_shape
     res["loader_over_step"] = round(res["loader_samples_per_s"] / res["step_samples_per_s"], 3)
+    one = rates[f"workers_{min(a.workers)}"]["samples_per_s"] / min(a.workers)
+    res["workers_for_1_5x_step"] = math.ceil(1.5 * res["step_samples_per_s"] / one)  # at the fewest workers' rate
     return report("data_stream", **res)
 
 

@@ -21,3 +21,4 @@ def test_data_benchmark_prints_its_fields_at_a_tiny_size(capsys):
     assert line["loader_over_step"] == round(line["loader_samples_per_s"] / line["step_samples_per_s"], 3)
     assert line["image_fast_vs_eager_mean_abs"] < 0.02  # normalised units: < 1.3 levels in 255
     assert len(line["batch_blocks"]) == 2 and line["step_rows"] == line["batch_blocks"][0]
+    assert isinstance(line["workers_for_1_5x_step"], int) and line["workers_for_1_5x_step"] >= 1
