@@ -11,6 +11,9 @@ block-diagonal ``[B, 1, L, L]`` mask for SDPA, which rules out SDPA's flash and 
 * elsewhere (CPU, float32): the eager fallback, causal SDPA document by document (same result);
 * without ``cu_seqlens`` (generation with a KV cache, unpacked rows) it is transformers' SDPA
   attention with SDPA's masks, so nothing else changes.
+
+The flattened row reaches the layers with a prepared mask mapping (``{"full_attention": None}``), which
+the decoder LMs of transformers 5 (Qwen3, Llama, ...) take as is instead of building a mask.
 """
 
 from __future__ import annotations
