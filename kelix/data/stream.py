@@ -223,7 +223,10 @@ class ShardStream(IterableDataset):
             self._skip(reason, f"{shard}:{key}: {message}")
             return None
         try:
-            sample = parse_sample(decode_fields(raw, shard, key, self.max_image_pixels), shard, key)
+            # lazy with a processor: it filters by the header's size first and may decode a large JPEG
+            # at a reduced scale; without one (validate, stats) every image is decoded and checked here
+            fields = decode_fields(raw, shard, key, self.max_image_pixels, lazy=self.processor is not None)
+            sample = parse_sample(fields, shard, key)
             item = self.processor(sample) if self.processor is not None else sample
             if item is None:
                 raise SampleError("filtered", f"{shard}:{key}: dropped by the processor")

@@ -178,8 +178,6 @@ class _Resize:
         return sample.key, tuple(to_uint8_tensor(resize_image(sample.images[0].pixels, self.cfg)).shape)
 
 
-@pytest.mark.xfail(strict=True, reason="kelix/data/stream.py must pass lazy=self.processor is not None to "
-                                       "decode_fields; remove this mark when it does")
 def test_a_stream_with_a_processor_decodes_lazily_and_skips_by_the_header(tmp_path, loads, drafts):
     from kelix.data.shards import Source
     from kelix.data.stream import ShardStream
