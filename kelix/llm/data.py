@@ -16,8 +16,9 @@ Batch (from :func:`collate_docs`): rows of ``L`` blocks, several documents per r
 * ``targets [B, L]``: block i is trained (predicted from h_{i-1}); never a document's first block;
 * ``position_ids [B, L]``: restart at 0 for each document (and for the padding at a row's end),
   which makes transformers isolate packed documents (per-document causal attention);
-* ``image_pixels``: list of ``[3, H, W]`` to encode; ``image_index``: list of flat indices into
-  ``B*L`` of each image's blocks (raster order); ``image_grids [n, 2]``;
+* ``image_pixels``: list of ``uint8 [3, H, W]`` to encode (the module normalises them on the device);
+  ``image_index``: list of flat indices into ``B*L`` of each image's blocks (raster order);
+  ``image_grids [n, 2]``;
 * ``num_tokens`` (real positions, for tokens/s), ``batch_size`` (samples), ``num_docs``.
 """
 
@@ -30,7 +31,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from kelix.data.images import ImageConfig, resize_image, target_size, to_tensor
+from kelix.data.images import ImageConfig, resize_image, target_size, to_uint8_tensor
 from kelix.data.processor import Processor
 from kelix.data.schema import Sample, SampleError
 from kelix.llm.layout import BlockDoc, Layout, drop_prompt, is_t2i
@@ -164,7 +165,7 @@ class LLMProcessor(Processor):
                 raise SampleError("missing_image", f"{where}: image {image.name} has codes of another N and no pixels")
             cfg = self.gen_image if role == "assistant" else self.image
             img = resize_image(image.pixels, cfg, where=f"{where}: {image.name}")
-            x = to_tensor(img, cfg)
+            x = to_uint8_tensor(img)  # normalised on the device (UnifiedLLMModule.encode_images)
             return x.shape[1] // cfg.factor, x.shape[2] // cfg.factor, None, x
 
         return prepare

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from kelix.data.images import normalize
 from kelix.llm.loss import nbp_loss
 from kelix.llm.model import KelixLM, LLMConfig, fill_legacy
 from kelix.training.module import KelixModule
@@ -172,9 +173,13 @@ class UnifiedLLMModule(KelixModule):
         if not pixels:
             return batch["codes"]
         tok = self.image_tokenizer.to(self.device)
+        # the processor's uint8 pixels are normalised here, on the device, by the tokenizer's own mean/std
+        # (float ones are taken as normalised already: KelixTokenizer.preprocess output)
+        pixels = [normalize(p.to(self.device), tok.image_config) if p.dtype == torch.uint8
+                  else p.to(self.device, torch.float32) for p in pixels]
         # in the tokenizer's own precision, not the run's autocast: the same codes as `kelix tokenize`
         with torch.autocast(self.device.type, enabled=False):
-            q, grids = tok.quantize([p.to(self.device, torch.float32) for p in pixels])
+            q, grids = tok.quantize(pixels)
         want = [tuple(g) for g in batch["image_grids"].tolist()]
         if [tuple(g) for g in grids] != want:
             raise ValueError(f"image tokenizer grids {grids[:3]} differ from the processor's {want[:3]}: "

@@ -39,10 +39,12 @@ def tokenize_shard(tokenizer, src: str, dst: str, batch_size: int = 32, drop_pix
     from webdataset import TarWriter
 
     from kelix.data.decode import decode_image, extension
-    from kelix.data.schema import IMAGE_EXTS
+    from kelix.data.images import resize_image
+    from kelix.data.schema import IMAGE_EXTS, SampleError
     from kelix.data.stream import read_shard
     from kelix.data.writer import fsync_path, npy_bytes
 
+    cfg = tokenizer.image_config
     dtype = np.int16 if tokenizer.config.K <= np.iinfo(np.int16).max + 1 else np.int32
     stats = {"samples": 0, "images": 0, "skipped": 0}
     pending: list[tuple[dict, list[str], list]] = []
@@ -80,7 +82,14 @@ def tokenize_shard(tokenizer, src: str, dst: str, batch_size: int = 32, drop_pix
             ims = []
             for n in names:
                 try:
-                    ims.append(decode_image(record[n]))
+                    # decoded and resized as the training stream does (lazy: a large JPEG is decoded at a
+                    # reduced scale, ImageConfig.draft), so the codes are those training would compute;
+                    # the tokenizer's own resize then keeps the size
+                    where = f"image {n}"
+                    ims.append(resize_image(decode_image(record[n], lazy=True, where=where), cfg, where=where))
+                except SampleError as e:  # a deferred decode error, an aspect ratio out of range: counted
+                    skip(key, e.reason, str(e))  # its message carries no object address (reproducible)
+                    break
                 except Exception as e:  # noqa: BLE001 - a corrupt image skips its sample, counted
                     # the exception's type only: PIL's message holds an object address, and the manifest is reproducible
                     skip(key, "corrupt_image", f"image {n} cannot be decoded ({type(e).__name__})")
