@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kelix.data.images import ImageConfig, resize_image, to_tensor
+from kelix.data.images import ImageConfig, resize_image, to_uint8_tensor
 from kelix.data.processor import Processor
 from kelix.data.schema import Sample, SampleError
 from kelix.data.text import IM_END, IM_START, load_text_tokenizer
@@ -92,7 +92,7 @@ class TokenizerProcessor(Processor):
             raise SampleError("no_pixels", f"{where}: image {img.name!r} has codes only; the tokenizer needs pixels")
         im = resize_image(img.pixels, self.image, where=where)
         h, w = im.height // self.image.factor, im.width // self.image.factor
-        pixels.append(to_tensor(im, self.image))
+        pixels.append(to_uint8_tensor(im))  # normalised on the device (TokenizerModule.pixels)
         grids.append((h, w))
         seq.add([self._ids[self.vision_start]], loss=False)
         seq.add([self._pad] * (h * w), loss=False, image=True)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kelix.data.images import normalize
 from kelix.tokenizer.data import VISION_END, VISION_START, aux_text_tokenizer
 from kelix.tokenizer.metrics import CodebookUsage
 from kelix.tokenizer.model import KelixTokenizer, TokenizerConfig
@@ -194,8 +195,14 @@ class TokenizerModule(KelixModule):
         return {n for n, _ in self.named_parameters() if n.startswith("tokenizer.quantizer.codebook.")}
 
     # -- the step
+    def pixels(self, batch) -> list[torch.Tensor]:
+        """The batch's images as the encoder takes them: the processor's ``uint8`` pixels normalised
+        here, on the device (a quarter of the bytes through the loader); float ones as they are."""
+        cfg = self.tokenizer.image_config
+        return [normalize(p.to(self.device), cfg) if p.dtype == torch.uint8 else p for p in batch["pixels"]]
+
     def step(self, batch, split: str) -> dict[str, torch.Tensor]:
-        out = self.tokenizer(batch["pixels"])
+        out = self.tokenizer(self.pixels(batch))
         mask = batch["image_mask"]
         if int(mask.sum()) != out.embeds.shape[0]:
             raise ValueError(f"the batch marks {int(mask.sum())} visual positions but its images give "
@@ -287,7 +294,7 @@ class TokenizerModule(KelixModule):
             raise RuntimeError("fit_codebook runs in a single process; for distributed runs initialise the "
                                "codebook with kelix build-codebook (tokenizer.codebook)")
         with torch.no_grad():
-            feats, _ = self.tokenizer.merger(self.tokenizer.encoder(batch["pixels"]))
+            feats, _ = self.tokenizer.merger(self.tokenizer.encoder(self.pixels(batch)))
             self.tokenizer.quantizer.fit_codebook(feats)
         log.info("fit_codebook: SimVQ projections started from k-means of %d features", len(feats))
 
