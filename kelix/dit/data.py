@@ -134,7 +134,9 @@ class DiTProcessor(Processor):
             if codes is not None:
                 item["codes"] = torch.from_numpy(np.asarray(codes, dtype=np.int64))
             else:
-                item["cond_image"] = square(image.pixels, self.condition_size, self.resize)
+                cond = square(image.pixels, self.condition_size, self.resize)
+                cond.load()  # a lazily decoded image already square is decoded here: a corrupt one is a counted skip
+                item["cond_image"] = cond
         return item
 
     def _condition_codes(self, image: Image | None, where: str):
