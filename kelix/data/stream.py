@@ -7,7 +7,8 @@ Each consumer (one dataloader worker on one rank) reads its own share of every s
   every consumer reads every shard and keeps sample ``i`` where ``i % consumers == consumer``, with
   one consumer index ``rank * workers + worker`` (the official loader's two separate modulos drop
   samples when the counts share a factor);
-* a shuffle buffer of *raw* samples (undecoded bytes) mixes each source; decoding happens after;
+* a shuffle buffer of *raw* samples (undecoded bytes) mixes each source; decoding happens after
+  (lazily when a processor runs: it filters by the image header before any pixel is decoded);
 * sources are mixed by weight; all randomness is a hash of (seed, consumer, counter), so the
   state is a handful of counters plus the buffer's sample locations (:meth:`ShardStream.state_dict`).
   Restoring re-reads only the shards still referenced by the buffer.

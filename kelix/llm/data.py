@@ -102,7 +102,8 @@ class LLMProcessor(Processor):
         N: sub-codebooks per visual token (the image tokenizer's).
         K: entries per sub-codebook (checks pre-computed codes).
         image: resizing of understanding and interleaved images (native resolution); its
-            ``patch_size * merge_size`` must be the tokenizer's.
+            ``patch_size * merge_size`` must be the tokenizer's. Pixels leave as ``uint8``: the
+            module normalises them on the device by the image tokenizer's ``mean``/``std``.
         gen_image: resizing of generation targets (images in an assistant turn).
         completion_only: train only the assistant's turns (stage 2.2 on).
         max_blocks: documents with more blocks are skipped (``too_long``); the packed row length.

@@ -56,7 +56,8 @@ class TokenizerProcessor(Processor):
     Args:
         text_tokenizer: ``builtin:bytes`` or a local tokenizer directory (the aux LM's).
         image: image sizing; must equal the tokenizer's ``image`` config (recipes interpolate
-            ``${model.init_args.tokenizer.image}``).
+            ``${model.init_args.tokenizer.image}``). Pixels leave as ``uint8 [3, H, W]``:
+            :meth:`~kelix.tokenizer.module.TokenizerModule.pixels` normalises them on the device.
         max_length: aux-LM tokens per sample; longer samples are cut after their last image if
             that keeps a target, else skipped (``too_long``).
         vision_start: token before each image's visual tokens.
