@@ -110,7 +110,7 @@ def _read_config(path: str) -> dict:
     tok = model.get("tokenizer", cfg.get("tokenizer"))
     if tok is None:
         raise KeyError(f"{path}: no model.init_args.tokenizer (recipe) or tokenizer (standalone) section")
-    return {"tokenizer": tok, "shards": cfg.get("shards", data.get("train")), **{
+    return {"tokenizer": tok, "shards": cfg.get("shards", data.get("train")), "synthetic": data.get("synthetic"), **{
         k: cfg[k] for k in ("out", "samples", "max_images", "niter", "feature", "batch_size", "seed") if k in cfg}}
 
 
@@ -139,11 +139,24 @@ def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_ima
         raise ValueError(f"--samples {samples} < S = {S} centroids")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = VisionEncoder(cfg.encoder, cfg.image.patch_size)
+    tok = None
+    if feature == "input":  # the whole tokenizer's encoder + merger: the quantizer's own input space
+        from kelix.tokenizer.model import KelixTokenizer
+
+        if cfg.init_seed is None and cfg.encoder.path is None:
+            log.warning("build-codebook --feature input: tokenizer.init_seed is not set, so the random merger "
+                        "(and encoder) kelix fit builds will not be the one clustered here")
+        tok = KelixTokenizer(cfg)
+        encoder = tok.encoder
+        tok.to(device).eval()
+    else:
+        encoder = VisionEncoder(cfg.encoder, cfg.image.patch_size)
+        encoder.to(device).eval()
     encoder.load_weights()
-    encoder.to(device).eval()
     m = cfg.image.merge_size
     widths = {"patch": encoder.width, "merged": m * m * encoder.width}
+    if tok is not None:
+        widths["input"] = tok.merger.out_dim
     if feature is None:  # follow the configured centroid width
         want = cfg.centroid_dim or encoder.width
         feature = next((f for f, w in widths.items() if w == want), None)
@@ -151,7 +164,7 @@ def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_ima
             raise ValueError(f"tokenizer.centroid_dim {want} is neither the patch width {widths['patch']} "
                              f"nor the merged width {widths['merged']}")
     if feature not in widths:
-        raise ValueError(f"--feature {feature!r} is not patch or merged")
+        raise ValueError(f"--feature {feature!r} is not patch, merged or input")
     if cfg.centroid_dim not in (None, widths[feature]):
         raise ValueError(f"--feature {feature} gives {widths[feature]}-d centroids but tokenizer.centroid_dim "
                          f"is {cfg.centroid_dim}")
@@ -169,7 +182,11 @@ def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_ima
             grids = encoder([p.to(device) for p in pending])
         from kelix.tokenizer.encoder import _merge_order
 
-        rows = [g.reshape(-1, g.shape[-1]) if feature == "patch" else _merge_order(g, m) for g in grids]
+        if tok is not None:
+            with torch.no_grad():
+                rows = [tok.merger(grids)[0]]
+        else:
+            rows = [g.reshape(-1, g.shape[-1]) if feature == "patch" else _merge_order(g, m) for g in grids]
         res.add(torch.cat(rows).float().cpu().numpy())
         bar.update(len(pending))
         pending.clear()
@@ -211,8 +228,10 @@ def main(argv: list[str]) -> int:
                    f"{POINTS_PER_CENTROID} x S, e.g. 2,621,440 at S = 65,536)")
     p.add_argument("--max-images", type=int, help="stop after this many images (default: all shards once)")
     p.add_argument("--niter", type=int, help="k-means iterations (default 20)")
-    p.add_argument("--feature", choices=["patch", "merged"],
-                   help="cluster ViT patch embeddings (D-d) or merged m*m groups (default: match centroid_dim)")
+    p.add_argument("--feature", choices=["patch", "merged", "input"],
+                   help="cluster ViT patch embeddings (D-d), merged m*m groups, or the quantizer's input (the "
+                        "merger's output; the projections then start where the centroids land; needs "
+                        "tokenizer.init_seed for a random tokenizer) (default: match centroid_dim)")
     p.add_argument("--batch-size", type=int, help="images per encoder batch (default 32)")
     p.add_argument("--num-workers", type=int, default=2, help="dataloader workers decoding images")
     p.add_argument("--seed", type=int, help="seed of the reservoir, k-means and partition (default 0)")
@@ -227,6 +246,11 @@ def main(argv: list[str]) -> int:
     out = cfg.pop("out", None) or cfg["tokenizer"].get("codebook")
     if not out:
         p.error("no output path: set --out or tokenizer.codebook in the config")
+    synthetic = cfg.pop("synthetic", None)
+    if synthetic and not a.shards:  # a recipe on synthetic shards: make them first, as kelix fit would
+        from kelix.data.synthetic import SyntheticData
+
+        SyntheticData(**synthetic).ensure()
     build(cfg.pop("tokenizer"), cfg.pop("shards"), out, num_workers=a.num_workers, device=a.device,
           gpu=False if a.cpu_kmeans else None, **cfg)
     print(f"wrote {out}")

@@ -64,6 +64,10 @@ class TokenizerConfig:
         merger: use the 2x2 patch-merge MLP (False: the concatenated patches feed the quantizer).
         merger_hidden: patch-merge MLP hidden width (default ``merge^2 * D``).
         merger_dim: patch-merge MLP output width (default ``merge^2 * D``).
+        init_seed: seed of the random initialisation (None: the global RNG's state). With a seed every
+            process building this config gets the same random weights, so ``kelix build-codebook
+            --feature input`` clusters the features of exactly the tokenizer ``kelix fit`` trains (the
+            quickstart's, which has no pretrained encoder).
         encoder: the vision encoder (see :class:`~kelix.tokenizer.encoder.EncoderConfig`).
         image: how images are resized (patch size, merge size, pixel budget); see
             :class:`~kelix.data.images.ImageConfig`.
@@ -85,6 +89,7 @@ class TokenizerConfig:
     merger: bool = True
     merger_hidden: int | None = None
     merger_dim: int | None = None
+    init_seed: int | None = None
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
 
@@ -165,6 +170,14 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
         if isinstance(config, dict):
             config = TokenizerConfig(**config)
         self.config = config
+        if config.init_seed is None:
+            self._build(config)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+                torch.manual_seed(config.init_seed)
+                self._build(config)
+
+    def _build(self, config: TokenizerConfig) -> None:
         img = config.image
         self.encoder = VisionEncoder(config.encoder, img.patch_size)
         self.merger = PatchMerger(self.encoder.width, img.merge_size, config.merger_hidden, config.merger_dim,
@@ -227,6 +240,7 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
                 if "centroids" not in f.keys():
                     raise KeyError(f"{path}: no 'centroids' tensor (has {list(f.keys())})")
                 c = f.get_tensor("centroids")
+                feature = (f.metadata() or {}).get("feature")
         except FileNotFoundError as e:
             raise FileNotFoundError(f"tokenizer.codebook {path!r} does not exist (run kelix build-codebook)") from e
         if tuple(c.shape) != tuple(buf.shape):
@@ -234,7 +248,9 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
                              f"(books, K, centroid_dim)")
         with torch.no_grad():
             buf.copy_(c.to(buf.dtype))
-        log.info("codebook: loaded centroids %s from %s", tuple(c.shape), path)
+        if feature == "input":  # clustered in the quantizer's own input space: start W_i where they land
+            self.quantizer.project_like_input()
+        log.info("codebook: loaded %s centroids %s from %s", feature or "", tuple(c.shape), path)
 
     def portable_config(self) -> TokenizerConfig:
         """The config without file paths: what an exported tokenizer stores in ``config.json``."""

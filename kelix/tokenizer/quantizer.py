@@ -282,6 +282,22 @@ class ProductQuantizer(_CachedCodeVectors):
                            {"codebook": codebook_loss.detach(), "commitment": commitment.detach()})
 
     @torch.no_grad()
+    def project_like_input(self) -> None:
+        """Start each ``W_i, b_i`` as the input projection of slot i, for centroids clustered in this
+        quantizer's input space (``kelix build-codebook --feature input``, paper 4.2.1 on the tokenizer's
+        own features): a centroid's code vector is then ``LN(P_i c + p_i)``, exactly where that feature
+        lands, so the first codes are the k-means assignment; the projections then train (SimVQ)."""
+        if not isinstance(self.codebook, SimVQ) or self.mode == "rvq":
+            raise ValueError("project_like_input needs the simvq codebook form of a pq or shared quantizer")
+        books, _, d_in = self.codebook.centroids.shape
+        if d_in != self.proj_in.in_features:
+            raise ValueError(f"centroid_dim {d_in} is not the quantizer input width {self.proj_in.in_features}: "
+                             "input-space centroids need tokenizer.centroid_dim = merger_dim")
+        w = self.proj_in.weight.float().view(-1, self.d, d_in)  # [N (pq) or 1 (shared), d, d_in]
+        self.codebook.weight.copy_(w[:books].transpose(1, 2))
+        self.codebook.bias.copy_(self.proj_in.bias.float().view(-1, self.d)[:books])
+
+    @torch.no_grad()
     def fit_codebook(self, x: torch.Tensor, niter: int = 20, seed: int = 0) -> None:
         """Data-dependent start of the SimVQ projections: k-means (faiss) of the sub-vectors of
         ``x [T, in_dim]``, then ``W_i, b_i`` solved by least squares so that each frozen centroid

@@ -79,3 +79,51 @@ def test_default_sample_count_gives_faiss_enough_points_per_centroid(synthetic_d
     assert main(["--config", str(tmp_path / "cb.yaml"), "--max-images", "2", "--num-workers", "0"]) == 0
     assert sizes == [cbmod.POINTS_PER_CENTROID * 4 * 32] and cbmod.POINTS_PER_CENTROID >= 39  # S = N*K = 128
     assert "k-means wants >= 39" in caplog.text  # two images are far too few: said plainly
+
+
+def test_init_seed_builds_the_same_random_tokenizer_in_any_rng_state():
+    torch.manual_seed(1)
+    a = KelixTokenizer(tiny_config(init_seed=7))
+    torch.randn(100)  # the caller's stream moved on
+    b = KelixTokenizer(tiny_config(init_seed=7))
+    state = torch.random.get_rng_state()
+    c = KelixTokenizer(tiny_config(init_seed=8))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's stream is left as it was
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["quantizer.proj_in.weight"], sc["quantizer.proj_in.weight"])
+
+
+def test_input_space_centroids_start_where_their_features_land(synthetic_dir, tmp_path):
+    """--feature input (paper 4.2.1 on the tokenizer's own merged features): k-means of the quantizer's
+    input, and each slot's SimVQ projection starts as that slot's input projection, so a centroid's code
+    vector is exactly the quantizer's view of that feature and a centroid is coded as itself."""
+    out = tmp_path / "cb.safetensors"
+    tok_cfg = {**TINY_TOKENIZER, "K": 8, "codebook": str(out), "init_seed": 3, "centroid_dim": TINY_TOKENIZER["merger_dim"]}
+    path = tmp_path / "cb.yaml"
+    path.write_text(yaml.safe_dump({"tokenizer": tok_cfg, "shards": [str(synthetic_dir / "*.tar")]}))
+    assert main(["--config", str(path), "--feature", "input", "--samples", "3000", "--niter", "5",
+                 "--num-workers", "0"]) == 0
+    c = load_file(str(out))["centroids"]
+    assert c.shape == (4, 8, 64)  # N, K, the merger's output width
+    tok = KelixTokenizer(tiny_config(K=8, codebook=str(out), init_seed=3, centroid_dim=64))
+    tok.load_init_weights()
+    q = tok.quantizer
+    with torch.no_grad():
+        for i in range(4):
+            seen = q.continuous(q.codebook.centroids[i])[:, i]  # slot i's sub-vector of each centroid of book i
+            torch.testing.assert_close(q.codebook()[i], seen, atol=1e-5, rtol=1e-5)
+            assert torch.equal(q(q.codebook.centroids[i]).codes[:, i], torch.arange(8))
+        # and the features' codes are k-means assignments in each slot: every code is used
+        x = torch.from_numpy(c.reshape(-1, 64))
+        assert all(len(q(x).codes[:, i].unique()) == 8 for i in range(4))
+
+
+def test_input_space_centroids_need_the_input_width(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "cb.safetensors"
+    save_file({"centroids": torch.zeros(4, 32, 32)}, str(path), metadata={"feature": "input"})
+    tok = KelixTokenizer(tiny_config(codebook=str(path)))
+    with pytest.raises(ValueError, match="centroid_dim 32 is not the quantizer input width 64"):
+        tok.load_init_weights()
