@@ -3,7 +3,8 @@
 * ``ocr``: rendered words on a plain background; the user asks for the text, the assistant reads it.
 * ``caption``: simple scenes of coloured shapes with a caption (``segments``: image, then text).
 * ``vqa``: the same scenes with a question about colour, shape or count.
-* ``t2i``: the caption in the user turn, the image in the assistant turn (the generation target).
+* ``t2i``: a prompt such as "two blue squares" in the user turn, its picture (one to three objects of one
+  colour and shape on a random background, square up to :data:`T2I_ASPECT`) in the assistant turn;
 * ``interleaved``: text, image, text, image (pretraining ``segments``).
 * ``text``: plain text segments (keeps the language model's text ability in the mixture).
 
@@ -28,6 +29,10 @@ SHAPES = ("circle", "square", "triangle")
 WORDS = ("kelix", "token", "block", "image", "patch", "code", "river", "stone", "cloud", "light", "paper",
          "green", "seven", "north", "apple", "music", "quiet", "orbit", "pixel", "table", "zebra", "delta")
 NUMBERS = ("zero", "one", "two", "three", "four")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+IMAGE_SIZE = (140, 168)  # (min, max) side: a shape in a scene of three spans about 2x2 merged 28 px patches
+OCR_CELL, OCR_FONT = 28, 18  # the token grid OCR text is typeset on, and its glyph size in pixels
+T2I_ASPECT = 1.25  # t2i pictures: long side / short side at most (LLM gen_image keeps 0.75 to 1.33)
 
 
 @dataclass
@@ -51,15 +56,32 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(rng.choice(list(BACKGROUNDS)), [(rng.choice(list(COLORS)), s) for s in shapes])
 
 
+def place_shapes(n: int, width: int, height: int, rng: random.Random) -> list[tuple[int, int, int]]:
+    """``(cx, cy, r)`` of ``n`` (1-3) shapes: one fills the image, two its halves, three take three of its
+    quadrants, so they never overlap and each is as large as its region allows (``r`` = 0.38 of the
+    region's short side, the centre jittered inside it): a shape spans several merged patches."""
+    if n == 1:
+        regions = [(0, 0, width, height)]
+    elif n == 2:
+        halves = [(0, 0, width // 2, height), (width // 2, 0, width, height)] if width >= height else \
+            [(0, 0, width, height // 2), (0, height // 2, width, height)]
+        regions = halves
+    else:
+        quads = [(x, y, x + width // 2, y + height // 2) for y in (0, height // 2) for x in (0, width // 2)]
+        regions = sorted(rng.sample(quads, n), key=lambda q: (q[1], q[0]))
+    out = []
+    for x0, y0, x1, y1 in regions:
+        side = min(x1 - x0, y1 - y0)
+        r = max(4, int(0.38 * side))
+        jx, jy = max(0, (x1 - x0) // 2 - r - 1), max(0, (y1 - y0) // 2 - r - 1)
+        out.append(((x0 + x1) // 2 + rng.randint(-jx, jx), (y0 + y1) // 2 + rng.randint(-jy, jy), r))
+    return out
+
+
 def render_scene(scene: Scene, width: int, height: int, rng: random.Random) -> Image.Image:
     img = Image.new("RGB", (width, height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
-    n = len(scene.shapes)
-    for i, (color, shape) in enumerate(scene.shapes):
-        # each shape in its own vertical band so shapes never hide each other
-        x0, x1 = i * width // n, (i + 1) * width // n
-        r = max(4, min(x1 - x0, height) // 3)
-        cx, cy = (x0 + x1) // 2 + rng.randint(-r // 4, r // 4), height // 2 + rng.randint(-r // 2, r // 2)
+    for (color, shape), (cx, cy, r) in zip(scene.shapes, place_shapes(len(scene.shapes), width, height, rng)):
         box = (cx - r, cy - r, cx + r, cy + r)
         if shape == "circle":
             draw.ellipse(box, fill=COLORS[color])
@@ -71,16 +93,42 @@ def render_scene(scene: Scene, width: int, height: int, rng: random.Random) -> I
 
 
 def render_text(text: str, width: int, height: int, rng: random.Random) -> Image.Image:
+    """Words typeset on the tokenizer's 28 px token grid (:data:`OCR_CELL`): each word starts at a cell
+    boundary, glyphs of :data:`OCR_FONT` px sit inside one row of cells, so a word gives the same cells
+    wherever it stands (the tiny quickstart tokenizer's coarse codes can then tell words apart). The
+    image sides are multiples of the cell, so resizing to the pixel budget keeps the grid."""
     bg = rng.choice([(250, 250, 250), (235, 235, 220), (255, 245, 230)])
     img = Image.new("RGB", (width, height), bg)
-    size = max(10, min(height // 2, int(1.6 * width / max(1, len(text)))))
-    font = ImageFont.load_default(size=size)
+    font = ImageFont.load_default(size=OCR_FONT)
     draw = ImageDraw.Draw(img)
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    x = rng.randint(0, max(0, width - (x1 - x0))) - x0
-    y = rng.randint(0, max(0, height - (y1 - y0))) - y0
-    draw.text((x, y), text, font=font, fill=rng.choice([(0, 0, 0), (30, 30, 120), (120, 20, 20)]))
+    ink = rng.choice([(0, 0, 0), (30, 30, 120), (120, 20, 20)])
+    words = text.split(" ")
+    cells = [-(-int(draw.textlength(w, font=font)) // OCR_CELL) for w in words]
+    free = max(0, width // OCR_CELL - sum(cells) - (len(words) - 1))
+    col = rng.randint(0, free)
+    row = rng.randint(0, max(0, height // OCR_CELL - 1))
+    _, top, _, bottom = draw.textbbox((0, 0), "kelixpg", font=font)
+    y = row * OCR_CELL + (OCR_CELL - (bottom - top)) // 2 - top
+    for w, n in zip(words, cells):
+        draw.text((col * OCR_CELL + 2, y), w, font=font, fill=ink)
+        col += n + 1  # one empty cell between words
     return img
+
+
+def t2i_text(color: str, count: int, shape: str) -> str:
+    """"a red circle", "two blue squares"."""
+    return f"a {color} {shape}" if count == 1 else f"{NUMBERS[count]} {color} {PLURAL[shape]}"
+
+
+def random_t2i(rng: random.Random) -> tuple[str, int, str, str]:
+    """(colour, count, shape, background) of a text-to-image prompt: 1-3 objects of one kind."""
+    return rng.choice(list(COLORS)), rng.randint(1, 3), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+
+
+def render_t2i(color: str, count: int, shape: str, width: int, rng: random.Random, background: str = "white",
+               height: int | None = None) -> Image.Image:
+    """The picture of a t2i prompt, drawn by the scene renderer (square unless ``height`` is given)."""
+    return render_scene(Scene(background, [(color, shape)] * count), width, height or width, rng)
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -107,7 +155,16 @@ def make_sample(task: str, rng: random.Random, size: tuple[int, int]) -> tuple[d
         text = " ".join(rng.sample(WORDS, rng.randint(1, 2)))
         msgs = [{"role": "user", "content": [img(0), {"type": "text", "text": "What text is in the image?"}]},
                 {"role": "assistant", "content": text}]
-        return {"task": "ocr", "messages": msgs}, [render_text(text, max(w, h), min(w, h), rng)]
+        w, h = (OCR_CELL * (max(w, h) // OCR_CELL), OCR_CELL * (min(w, h) // OCR_CELL))
+        return {"task": "ocr", "messages": msgs}, [render_text(text, w, h, rng)]
+    if task == "t2i":
+        color, count, shape, background = random_t2i(rng)
+        side = max(w, h)
+        picture = render_t2i(color, count, shape, side, rng, background,
+                             height=rng.randint(int(side / T2I_ASPECT) + 1, side))
+        msgs = [{"role": "user", "content": f"Generate an image of {t2i_text(color, count, shape)}."},
+                {"role": "assistant", "content": [img(0)]}]
+        return {"task": "t2i", "messages": msgs}, [picture]
     scene = random_scene(rng)
     picture = render_scene(scene, w, h, rng)
     if task == "caption":
@@ -116,10 +173,6 @@ def make_sample(task: str, rng: random.Random, size: tuple[int, int]) -> tuple[d
         q, a = _vqa(scene, rng)
         msgs = [{"role": "user", "content": [img(0), {"type": "text", "text": q}]}, {"role": "assistant", "content": a}]
         return {"task": "vqa", "messages": msgs}, [picture]
-    if task == "t2i":
-        msgs = [{"role": "user", "content": f"Generate an image of {scene.caption()}."},
-                {"role": "assistant", "content": [img(0)]}]
-        return {"task": "t2i", "messages": msgs}, [picture]
     if task == "interleaved":
         other = random_scene(rng)
         segs = [{"type": "text", "text": f"Here is {scene.caption()}."}, img(0),
@@ -129,6 +182,23 @@ def make_sample(task: str, rng: random.Random, size: tuple[int, int]) -> tuple[d
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 16)))
         return {"task": "text", "segments": [{"type": "text", "text": words.capitalize() + "."}]}, []
     raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TASKS)}")
+
+
+def world_sentences() -> list[str]:
+    """Every sentence template of the world filled with every word it can hold, each word at least once
+    at a sentence start and once after a space (what ``builtin:synthetic`` learns its merges from)."""
+    rng = random.Random(0)
+    out = ["What text is in the image?", "How many shapes are in the image?", "user\n", "assistant\n", "system\n"]
+    words = [*COLORS, *BACKGROUNDS, *SHAPES, *PLURAL.values(), *NUMBERS, *WORDS]
+    out += [f"{w.capitalize()} {w} {w.capitalize()}." for w in words] + [f"{w} {w}" for w in words]
+    for color in COLORS:
+        for shape in SHAPES:
+            out += [f"What color is the {shape}?", f"Which shape is {color}?"]
+            out += [f"Generate an image of {t2i_text(color, n, shape)}." for n in (1, 2, 3)]
+    for _ in range(200):
+        scene, other = random_scene(rng), random_scene(rng)
+        out += [scene.caption(), f"Here is {scene.caption()}.", f"And next, {other.caption()}."]
+    return out
 
 
 def write_shard(path: str, task: str, count: int, seed: int, size: tuple[int, int]):
@@ -165,7 +235,7 @@ class SyntheticData:
     tasks: list[str] = field(default_factory=lambda: ["ocr", "caption", "vqa", "t2i"])
     shards_per_task: int = 2
     samples_per_shard: int = 64
-    image_size: tuple[int, int] = (64, 160)
+    image_size: tuple[int, int] = IMAGE_SIZE
     seed: int = 0
 
     def __post_init__(self):

@@ -19,33 +19,22 @@ import json
 import os
 import random
 
-from kelix.data.synthetic import BACKGROUNDS, COLORS, NUMBERS, SHAPES, Scene, make_sample, render_scene
+from kelix.data.synthetic import COLORS, IMAGE_SIZE, PLURAL, make_sample, random_t2i, render_t2i, t2i_text
 from kelix.eval.answers import normalize_answer
 from kelix.eval.base import Benchmark, DataError, Item, load_image, mean_scores, register, where
 from kelix.eval.t2i_check import check_image
 
 SYNTHETIC = ("synthetic-vqa", "synthetic-ocr", "synthetic-t2i")
 DEFAULT_SEED = 12345
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
-
-
-def t2i_text(color: str, count: int, shape: str) -> str:
-    """"a red circle", "two blue squares"."""
-    return f"a {color} {shape}" if count == 1 else f"{NUMBERS[count]} {color} {PLURAL[shape]}"
-
-
-def render_t2i(color: str, count: int, shape: str, size: int, rng: random.Random, background: str = "white"):
-    """The ground-truth picture of a t2i prompt, drawn by the synthetic world's own renderer."""
-    return render_scene(Scene(background, [(color, shape)] * count), size, size, rng)
+__all__ = ["PLURAL", "render_t2i", "t2i_text", "write_benchmark", "write_benchmarks"]  # the world's, re-exported
 
 
 def _rows(task: str, n: int, seed: int, size: tuple[int, int]):
     rng = random.Random(f"kelix-eval:{seed}:{task}")
     for i in range(n):
         if task == "t2i":
-            # 1-3 objects, as many as a training scene holds; several of one kind is the new combination
-            color, count, shape = rng.choice(list(COLORS)), rng.randint(1, 3), rng.choice(SHAPES)
-            picture = render_t2i(color, count, shape, size[1], rng, rng.choice(list(BACKGROUNDS)))
+            color, count, shape, background = random_t2i(rng)  # as the training t2i task draws them
+            picture = render_t2i(color, count, shape, size[1], rng, background)
             text = t2i_text(color, count, shape)
             yield {"id": i, "prompt": text, "color": color, "count": count, "shape": shape}, picture
             continue
@@ -58,7 +47,7 @@ def _rows(task: str, n: int, seed: int, size: tuple[int, int]):
 
 
 def write_benchmark(name: str, out: str, n: int = 200, seed: int = DEFAULT_SEED,
-                    size: tuple[int, int] = (64, 160)) -> str:
+                    size: tuple[int, int] = IMAGE_SIZE) -> str:
     """Write the held-out split ``name`` (``n`` items) under ``out/name``; return its data.jsonl."""
     if name not in SYNTHETIC:
         raise ValueError(f"unknown synthetic benchmark {name!r}; choose from {', '.join(SYNTHETIC)}")

@@ -28,7 +28,8 @@ def test_stage1_under_fsdp2_exports_gathered_weights(tmp_path, tok_dir, backbone
                           strategy={"class_path": "kelix.training.parallel.FSDP2Strategy"})
     data = cfg["data"]["init_args"]
     data.update(batch_size=4, num_workers=0, shuffle_buffer=8)
-    data["synthetic"].update(out_dir=str(tmp_path / "syn"), samples_per_shard=8, tasks=["text", "caption"])
+    tasks = sorted({s["name"] for s in data["train"]})  # the recipe's own mixture
+    data["synthetic"].update(out_dir=str(tmp_path / "syn"), samples_per_shard=8, tasks=tasks)
     data["train"] = [dict(s, shards=str(tmp_path / "syn" / os.path.basename(s["shards"]))) for s in data["train"]]
     data["val"] = None
     path = tmp_path / "llm.yaml"

@@ -1,0 +1,131 @@
+"""The synthetic world the quickstart learns: its text tokenizer, scene layout, OCR typesetting, and
+that the recipes' own filters accept every sample it makes."""
+
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from kelix.data.synthetic import (BACKGROUNDS, IMAGE_SIZE, OCR_CELL, SHAPES, TASKS, Scene, SyntheticData, make_sample,
+                                  place_shapes, render_scene, world_sentences)
+from kelix.data.text import load_text_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPES = os.path.join(ROOT, "recipes", "quickstart")
+
+
+def _texts(meta: dict) -> list[str]:
+    parts = meta.get("segments") or [p for m in meta["messages"] for p in
+                                     ([{"type": "text", "text": m["content"]}] if isinstance(m["content"], str)
+                                      else m["content"])]
+    return [p["text"] for p in parts if p["type"] == "text"]
+
+
+def test_every_word_of_the_world_is_one_token_and_other_text_falls_back_to_bytes():
+    tok = load_text_tokenizer("builtin:synthetic")
+    rng = random.Random(5)
+    words = set()
+    for task in ("ocr", "caption", "vqa", "t2i", "interleaved", "text"):
+        for _ in range(40):
+            for text in _texts(make_sample(task, rng, IMAGE_SIZE)[0]):
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                assert tok.decode(ids) == text
+                # GPT-2 style: a word and its leading space are one token; punctuation is its own
+                assert len(ids) == len(text.replace(",", " ,").replace(".", " .").replace("?", " ?").split())
+                words.update(text.split())
+    assert len(words) > 60
+    odd = "Zyx 0,7 qu!"
+    assert tok.decode(tok(odd, add_special_tokens=False)["input_ids"]) == odd  # byte fallback
+    assert len(tok) < 640  # the quickstart backbones' vocab_size
+
+
+def test_the_world_tokenizer_is_the_same_in_every_process():
+    code = ("from kelix.data.text import load_text_tokenizer as f; import json; "
+            "print(json.dumps(sorted(f('builtin:synthetic').get_vocab().items())))")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) > 1000
+
+
+def test_world_sentences_cover_every_template():
+    text = " ".join(world_sentences())
+    for phrase in ("What color is the", "Which shape is", "How many shapes", "What text is in the image",
+                   "Generate an image of two", "background", "And next"):
+        assert phrase in text
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_shapes_never_overlap_and_stay_inside(n):
+    rng = random.Random(n)
+    for _ in range(200):
+        w, h = rng.randint(*IMAGE_SIZE), rng.randint(*IMAGE_SIZE)
+        spots = place_shapes(n, w, h, rng)
+        assert len(spots) == n
+        for cx, cy, r in spots:
+            assert r >= 0.38 * min(w, h) / 2 - 2 and 0 <= cx - r and cx + r <= w and 0 <= cy - r and cy + r <= h
+        for i in range(n):
+            for j in range(i):
+                (x1, y1, r1), (x2, y2, r2) = spots[i], spots[j]
+                assert max(abs(x1 - x2), abs(y1 - y2)) >= r1 + r2  # disjoint boxes
+
+
+def test_a_scene_draws_each_shape_in_its_colour():
+    rng = random.Random(0)
+    scene = Scene("white", [("red", "circle"), ("blue", "square"), ("green", "triangle")])
+    img = np.asarray(render_scene(scene, 168, 168, rng)).astype(int)
+    for color, rgb in (("red", (220, 40, 40)), ("blue", (40, 80, 220)), ("green", (40, 170, 60))):
+        assert (np.abs(img - rgb).sum(-1) == 0).sum() > 0.05 * 84 * 84  # a large shape per quadrant
+    assert (np.abs(img - BACKGROUNDS["white"]).sum(-1) == 0).mean() > 0.3
+
+
+def test_ocr_words_start_on_the_token_grid():
+    rng = random.Random(1)
+    for _ in range(60):
+        meta, (img,) = make_sample("ocr", rng, IMAGE_SIZE)
+        assert img.width % OCR_CELL == 0 and img.height % OCR_CELL == 0
+        a = np.asarray(img.convert("L")).astype(int)
+        ink = np.nonzero((a < a[0, 0] - 60).any(0))[0]
+        words = meta["messages"][1]["content"].split(" ")
+        assert ink.size and ink[0] % OCR_CELL < 6  # the first word's first glyph sits at a cell's left edge
+        rows = np.nonzero((a < a[0, 0] - 60).any(1))[0]
+        assert rows[0] // OCR_CELL == rows[-1] // OCR_CELL  # glyphs inside one row of cells
+        assert 1 <= len(words) <= 2
+
+
+def _processor(recipe: str, tmp: str):
+    """The recipe's processor, built as LightningCLI would (interpolations resolved, image dicts)."""
+    from kelix.data.images import ImageConfig
+
+    cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(RECIPES, recipe)), resolve=False)
+    proc = cfg["data"]["init_args"]["processor"]
+    args = dict(proc["init_args"])
+    for k, v in list(args.items()):
+        if isinstance(v, str) and v.startswith("${"):
+            args[k] = "builtin:synthetic" if "tokenizer" in k or "init_from" in v else \
+                cfg["model"]["init_args"]["tokenizer"]["image"] if k == "image" else 256
+        if k in ("image", "gen_image") and isinstance(args[k], dict):
+            args[k] = ImageConfig(**{kk: tuple(vv) if isinstance(vv, list) else vv for kk, vv in args[k].items()})
+    module, name = proc["class_path"].rsplit(".", 1)
+    import importlib
+
+    return getattr(importlib.import_module(module), name)(**args), cfg["data"]["init_args"]
+
+
+@pytest.mark.parametrize("recipe", ["tokenizer.yaml", "llm.yaml", "llm_stage2_2.yaml", "dit.yaml"])
+def test_the_recipes_filters_accept_every_synthetic_sample(recipe, tmp_path):
+    from kelix.data.stream import ShardStream
+
+    proc, data = _processor(recipe, str(tmp_path))
+    syn = dict(data["synthetic"], out_dir=str(tmp_path), samples_per_shard=40, shards_per_task=1)
+    syn["tasks"] = [t for t in syn["tasks"] if t in TASKS]
+    paths = SyntheticData(**syn).ensure()
+    names = {os.path.basename(s["shards"] if isinstance(s, dict) else s).split("-")[0] for s in data["train"]}
+    stream = ShardStream([p for p in paths if os.path.basename(p).split("-")[0] in names], processor=proc,
+                         repeat=False, shuffle_buffer=1)
+    items = list(stream)
+    assert len(items) == 40 * len(names)
+    assert not {k: v for k, v in stream.stats.items() if k.startswith("skipped/") and v}
