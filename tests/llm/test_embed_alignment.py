@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kelix.data.images import ImageConfig
+from kelix.data.images import ImageConfig, normalize
 from kelix.data.stream import ShardStream
 from kelix.llm.config import LLMConfig
 from kelix.llm.data import LLMProcessor
@@ -76,7 +76,7 @@ def _reference(module, doc) -> torch.Tensor:
         if img.codes is not None:
             codes = img.codes.reshape(-1, v.N)
         else:
-            q, grids = tok.quantize([img.pixels])
+            q, grids = tok.quantize([normalize(img.pixels, tok.image_config)])
             assert grids == [(img.h, img.w)]
             codes = q.codes
         if lm.visual is None:  # Eq. 4: the sum of the block's N code rows of the table

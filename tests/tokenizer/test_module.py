@@ -104,7 +104,7 @@ def test_aux_lm_head_runs_on_labelled_positions_only_and_gives_the_full_logits_l
     assert sum(rows) == labelled < batch["labels"].numel() - 20  # not every position: only those with a label
     # the reference: Hugging Face's own loss over full-vocabulary logits at every position
     with torch.no_grad():
-        out = m.tokenizer(batch["pixels"])
+        out = m.tokenizer(m.pixels(batch))
         emb = m.aux_lm.get_input_embeddings()(batch["input_ids"])
         emb = emb.masked_scatter(batch["image_mask"].unsqueeze(-1), out.embeds)
         ref = m.aux_lm(inputs_embeds=emb, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
