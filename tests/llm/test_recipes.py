@@ -66,10 +66,11 @@ def test_quickstart_chain(tmp_path, monkeypatch, image_tokenizer):
 
     monkeypatch.chdir(tmp_path)
     image_tokenizer.save_pretrained("runs/tokenizer/export")  # what the tokenizer quickstart exports
-    _fit("recipes/quickstart/llm.yaml")
+    k = ["--data.init_args.processor.init_args.K", str(image_tokenizer.config.K)]  # this tiny tokenizer's K
+    _fit("recipes/quickstart/llm.yaml", *k)
     s1 = KelixLM.from_pretrained("runs/llm/export")
     assert s1.visual is not None and s1.config.visual_input == "projector"
-    _fit("recipes/quickstart/llm_stage2_2.yaml")
+    _fit("recipes/quickstart/llm_stage2_2.yaml", *k)
     s2 = KelixLM.from_pretrained("runs/llm_stage2_2/export")
     assert s2.visual is None and s2.vocab == s1.vocab
     # stage 2.2 trained every part: the backbone's layers moved away from stage 1's

@@ -8,6 +8,7 @@ import shlex
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from kelix.training.cli import run_lightning_cli
 
@@ -56,9 +57,18 @@ def test_quickstart_trains_exports_and_pretokenizes(tmp_path, monkeypatch):
     from kelix.tokenizer.model import KelixTokenizer
     from kelix.tokenizer.pretokenize import main as tokenize_main
 
+    from kelix.data.synthetic import SyntheticData
+    from kelix.tokenizer.codebook import main as codebook_main
+
     monkeypatch.chdir(tmp_path)
+    recipe = os.path.join(ROOT, "recipes/quickstart/tokenizer.yaml")
+    syn = yaml.safe_load(open(recipe))["data"]["init_args"]["synthetic"]
+    SyntheticData(**dict(syn, samples_per_shard=8)).ensure()
+    # paper 4.2.1, as the quickstart runs it: k-means of the tokenizer's own features first
+    assert codebook_main(["--config", recipe, "--feature", "input", "--max-images", "16", "--niter", "5",
+                          "--num-workers", "0"]) == 0
     run_lightning_cli([
-        "fit", "--config", os.path.join(ROOT, "recipes/quickstart/tokenizer.yaml"),
+        "fit", "--config", recipe,
         "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "6",
         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--model.init_args.usage_window", "3",
