@@ -3,6 +3,7 @@
 Every stage is an ordinary ``kelix fit`` of a recipe in ``recipes/quickstart/`` (run in its own
 process, exactly as a user would), each starting from the previous stage's export:
 
+0. ``kelix build-codebook`` on ``tokenizer.yaml``, when it names a ``tokenizer.codebook`` (k-means init)
 1. Kelix-Tok (``tokenizer.yaml``) -> ``runs/tokenizer/export``
 2. LLM stage 1, alignment (``llm.yaml``) -> ``runs/llm/export``
 3. LLM stage 2.2, multi-task with text-to-image (``llm_stage2_2.yaml``) -> ``runs/llm_stage2_2/export``
@@ -117,11 +118,11 @@ def _follow(stream, log, bar) -> int | None:
     return step
 
 
-def run_stage(name: str, cmd: list[str], export: str, log_dir: str) -> dict:
-    """Run one ``kelix fit``; its output goes to ``log_dir/<name>.log``, the terminal gets one bar."""
+def _run(name: str, cmd: list[str], log_dir: str) -> tuple[float, int | None, str]:
+    """Run ``cmd``; its output goes to ``log_dir/<name>.log``, the terminal gets one bar.
+    Returns (seconds, last step of a fit's step bar, log path)."""
     from tqdm import tqdm
 
-    before = set(_versions(name))
     path = os.path.join(log_dir, f"{name}.log")
     # Tiny models on a small CPU: one intra-op thread avoids thread contention (3-6x faster measured
     # on 2 shared cores); a user's own OMP_NUM_THREADS wins. The log needs no weight-loading bars.
@@ -136,17 +137,40 @@ def run_stage(name: str, cmd: list[str], export: str, log_dir: str) -> dict:
             step = _follow(proc.stdout, log, bar)
         finally:
             rc = proc.wait()
-    seconds = time.time() - t
     if rc != 0:
         with open(path, errors="replace") as f:
             tail = [line for line in f.read().replace("\r", "\n").splitlines() if line.strip()][-30:]
         sys.stderr.write("\n".join(tail) + "\n")
         raise SystemExit(f"kelix quickstart: stage {name} failed (exit {rc}); its whole output: {path}")
+    return time.time() - t, step, path
+
+
+def run_stage(name: str, cmd: list[str], export: str, log_dir: str) -> dict:
+    """One ``kelix fit``: its summary (:func:`run_summary` of the run it wrote, seconds, log)."""
+    before = set(_versions(name))
+    seconds, step, path = _run(name, cmd, log_dir)
     if not os.path.isfile(os.path.join(export, "config.json")):
         raise SystemExit(f"kelix quickstart: stage {name} finished but wrote no export in {export}")
     new = [v for v in _versions(name) if v not in before]
     return {"status": "trained", "seconds": round(seconds, 1), "log": path, **run_summary(new[-1] if new else None),
             **({"steps": step} if step is not None else {})}
+
+
+def codebook_path(recipe_dir: str) -> str | None:
+    """The k-means codebook the tokenizer recipe starts from (``tokenizer.codebook``), if it names one."""
+    return _recipe_value(recipe_dir, STAGES[0][1], ("model", "init_args", "tokenizer", "codebook"))
+
+
+def build_codebook(recipe_dir: str, path: str, log_dir: str) -> dict:
+    """``kelix build-codebook`` on the tokenizer recipe (its shards, its tokenizer, its output path)."""
+    # --feature input: clusters of the quantizer's own input, as tokenizer.yaml's codebook comment says (its
+    # encoder and merger are random and frozen, so patch or merged features would land elsewhere)
+    cmd = [sys.executable, "-m", "kelix.cli", "build-codebook", "--config", os.path.join(recipe_dir, STAGES[0][1][0]),
+           "--feature", "input"]
+    seconds, _, log = _run("codebook", cmd, log_dir)
+    if not os.path.isfile(path):
+        raise SystemExit(f"kelix quickstart: kelix build-codebook finished but wrote no {path}")
+    return {"status": "built", "seconds": round(seconds, 1), "log": log, "export": path}
 
 
 def run_summary(version: str | None) -> dict:
@@ -171,6 +195,8 @@ def run_summary(version: str | None) -> dict:
 def summary_line(name: str, s: dict) -> str:
     if s["status"] == "skipped":
         return f"{name:<13} skipped: {s['export']} exists"
+    if s["status"] == "built":
+        return f"{name:<13} built in {s['seconds']:.0f} s: {s['export']}  ({s['log']})"
     parts = [f"{name:<13} {s.get('steps', '?')} steps in {s['seconds']:.0f} s"]
     parts += [f"{k} {v:.3f}" for k, v in s.get("losses", {}).items()]
     if "samples" in s:
@@ -230,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     stages = {}
     recipe_dir = None if a.pipeline else find_recipes(a.recipes)
     if not a.eval_only:
+        codebook = codebook_path(recipe_dir)
+        if codebook:  # the tokenizer's k-means init (paper 4.2.1), before the tokenizer trains from it
+            stages["codebook"] = {"status": "skipped", "export": codebook} if a.skip_existing and \
+                os.path.isfile(codebook) else build_codebook(recipe_dir, codebook, log_dir)
+            print(summary_line("codebook", stages["codebook"]), flush=True)
         for name, recipes, export in STAGES:
             if a.skip_existing and os.path.isfile(os.path.join(export, "config.json")):
                 stages[name] = {"status": "skipped", "export": export}

@@ -26,6 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # A Python warning ("file.py:12: UserWarning: ..."; Lightning drops the category) or a traceback.
 NOISE = re.compile(r"\.py:\d+: |\w+Warning\b|Traceback \(most recent call last\)")
 STAGE_NAMES = [s[0] for s in qs_cli.STAGES]
+CODEBOOK = qs_cli.codebook_path(str(REPO / "recipes" / "quickstart"))  # built first when the recipe names one
 ITEMS = {"synthetic-vqa": 6, "synthetic-ocr": 4, "synthetic-t2i": 3}
 
 
@@ -84,6 +85,9 @@ def test_quickstart_terminal_is_one_bar_and_one_summary_line_per_stage(quickstar
         assert log.startswith("$ ") and "part " in log and "data: " in log  # kelix fit's own output, kept
     bars = {line.split(":")[0].strip() for line in terminal.splitlines() if re.search(r"\d+/\d+ \[", line)}
     assert bars == set(STAGE_NAMES) | set(qs.EVAL_ITEMS), bars  # no validation or weight-loading bars
+    if CODEBOOK:
+        line, = [line for line in out.stdout.splitlines() if line.startswith("codebook ")]
+        assert re.fullmatch(rf"codebook +built in \d+ s: {CODEBOOK}  \(outputs/quickstart/logs/codebook.log\)", line)
     for gone in ("Validation", "Loading weights", "Writing model shards", "Epoch 0/", "part ", "GPU available",
                  "skipped sample"):
         assert gone not in terminal, gone
@@ -109,9 +113,11 @@ def test_quickstart_writes_the_scorecard_to_scores_json_and_tensorboard(quicksta
         mine = [normalize_answer(p["prediction"]) == normalize_answer(data[p["id"]]["answer"]) for p in preds
                 if data[p["id"]]["category"] == cat]
         assert got["acc"] == pytest.approx(sum(mine) / len(mine))
-    for name, s in scores["stages"].items():
+    for name in STAGE_NAMES:
+        s = scores["stages"][name]
         assert s["status"] == "trained" and s["steps"] == 2 and set(s["losses"]) == {"train/loss", "val/loss"}, name
-    assert set(scores["seconds"]["stages"]) == set(STAGE_NAMES) and scores["seconds"]["total"] >= scores["seconds"]["eval"]
+    assert set(scores["seconds"]["stages"]) == set(STAGE_NAMES) | ({"codebook"} if CODEBOOK else set())
+    assert scores["seconds"]["total"] >= scores["seconds"]["eval"]
     # TensorBoard: every bar's value, as scores.json has it
     acc = EventAccumulator(str(root / "runs" / "quickstart" / "version_0"))
     acc.Reload()
@@ -141,16 +147,22 @@ def test_quickstart_eval_only_rescores_reusing_the_benchmarks(quickstart):
     root, _ = quickstart
     bench = root / "outputs/quickstart/benchmarks/synthetic-vqa/data.jsonl"
     before = (bench.stat().st_mtime_ns, sorted(p.name for p in (root / "runs").iterdir()))
-    out = kelix("quickstart", "--eval-only", "--eval-items", "vqa=4,ocr=2,t2i=1", "--require-bars", cwd=root,
+    out = kelix("quickstart", "--eval-only", "--out", "outputs/rescored", "--benchmarks-dir",
+                "outputs/quickstart/benchmarks", "--eval-items", "vqa=4,ocr=2,t2i=1", "--require-bars", cwd=root,
                 check=False)
     assert out.returncode == 1, out.stderr[-3000:]  # two steps of training miss every bar
     assert "--require-bars: synthetic-vqa/color" in out.stderr and noise(out.stderr) == []
     assert (bench.stat().st_mtime_ns, sorted(p.name for p in (root / "runs").iterdir())) == before
+    assert not (root / "outputs/rescored/benchmarks").exists()
     assert not any(line.split(" ")[0] in STAGE_NAMES for line in out.stdout.splitlines())  # nothing trained
-    scores = json.loads((root / "outputs/quickstart/scores.json").read_text())
+    scores = json.loads((root / "outputs/rescored/scores.json").read_text())
     assert scores["items"] == {"synthetic-vqa": 4, "synthetic-ocr": 2, "synthetic-t2i": 1} and scores["stages"] == {}
-    assert len(rows(root / "outputs/quickstart/eval/synthetic-vqa/predictions.jsonl")) == 4  # none left from before
+    assert len(rows(root / "outputs/rescored/eval/synthetic-vqa/predictions.jsonl")) == 4
     assert (root / "runs" / "quickstart" / "version_1").is_dir()
+    # scoring again in the same place answers afresh (the runner would resume an earlier model's predictions)
+    again = kelix("quickstart", "--eval-only", "--pipeline", "outputs/rescored/pipeline", "--out", "outputs/rescored",
+                  "--benchmarks-dir", "outputs/quickstart/benchmarks", "--eval-items", "vqa=3,ocr=2,t2i=1", cwd=root)
+    assert len(rows(root / "outputs/rescored/eval/synthetic-vqa/predictions.jsonl")) == 3, again.stdout[-2000:]
 
 
 def test_notebook_03_runs_on_the_quickstart(quickstart):
