@@ -50,6 +50,10 @@ class LLMConfig:
             the text rows and the slot-0 visual logit offset (``visual_bias``) at
             ``log(visual_init_mass * text rows / K)``: a text position then gives all visual ids together
             at most about this probability, so the pretrained LM's text predictions are unchanged.
+        visual_init: how stage 1's trainable visual up-projector starts (``projector`` mode, built from
+            the image tokenizer): ``standardized`` (the codebook's average block embeds to zero, a block's
+            embedding has the text rows' mean norm; see :meth:`~kelix.llm.embed.VisualProjector.standardize`)
+            or ``default`` (``nn.Linear``'s init).
         visual_offset: first visual id; set when the vocabulary is extended (do not set by hand).
         vq_dim: tokenizer code-vector width d (``projector`` mode; set from the image tokenizer).
         vq_out_dim: tokenizer up-projector width (``projector`` mode; set from the image tokenizer).
@@ -75,6 +79,7 @@ class LLMConfig:
     row_marker: str = "{row},{cols}"
     loss_chunk: int = 2048
     visual_init_mass: float = 1e-4
+    visual_init: Literal["standardized", "default"] = "standardized"
     visual_offset: int | None = None
     vq_dim: int | None = None
     vq_out_dim: int | None = None
@@ -85,6 +90,8 @@ class LLMConfig:
             raise ValueError(f"lm.visual_input {self.visual_input!r} is not projector or table")
         if self.predictor not in ("block_decoder", "parallel"):
             raise ValueError(f"lm.predictor {self.predictor!r} is not block_decoder or parallel")
+        if self.visual_init not in ("standardized", "default"):
+            raise ValueError(f"lm.visual_init {self.visual_init!r} is not standardized or default")
         if not 0 < self.visual_init_mass < 1:
             raise ValueError(f"lm.visual_init_mass {self.visual_init_mass} is not in (0, 1)")
         if self.packed_attention not in ("auto", "mask", "varlen"):

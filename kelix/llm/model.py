@@ -99,6 +99,9 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         if cfg.visual_input == "projector":
             if image_tok is not None:
                 self.visual = VisualProjector.from_tokenizer(image_tok, D)
+                if cfg.visual_init == "standardized":
+                    text = self.backbone.get_input_embeddings().weight[: len(self.text_tokenizer)]
+                    self.visual.standardize(float(text.detach().float().norm(dim=-1).mean()))
             elif cfg.vq_dim and cfg.vq_out_dim:  # loading: tensors come from model.safetensors
                 self.visual = VisualProjector(cfg.N, cfg.K, cfg.vq_dim, cfg.vq_out_dim, D, cfg.fusion)
             else:

@@ -10,8 +10,10 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from kelix.cli import main
+from kelix.data.synthetic import SyntheticData
 from tests.distributed import launch
 
 pytestmark = pytest.mark.distributed
@@ -19,7 +21,8 @@ RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "quicks
 SCALE = ["--trainer.devices", "2", "--trainer.strategy", "fsdp2", "--trainer.max_steps", "2",
          "--trainer.accumulate_grad_batches", "2", "--trainer.precision", "bf16-mixed",
          "--model.init_args.activation_checkpointing", "true", "--model.init_args.fsdp_param_dtype", "bfloat16",
-         "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0"]
+         "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
+         "--data.init_args.synthetic.samples_per_shard", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +43,14 @@ def fit(work, name: str, *extra: str):
 
 
 def test_tokenizer(work):
-    # fit_codebook (k-means of the first batch) is single-process by design: distributed runs use build-codebook
-    ckpt = fit(work, "tokenizer", "--model.init_args.fit_codebook", "false")
-    recipe = os.path.join(RECIPES, "tokenizer.yaml")
+    recipe = os.path.abspath(os.path.join(RECIPES, "tokenizer.yaml"))
+    syn = yaml.safe_load(open(recipe))["data"]["init_args"]["synthetic"]
+    data = work / "data" / "synthetic"  # the recipe's paths are relative to the run directory
+    SyntheticData(**dict(syn, out_dir=str(data), samples_per_shard=16)).ensure()
+    assert main(["build-codebook", "--config", recipe, "--feature", "input", "--max-images", "16", "--niter", "5",
+                 "--num-workers", "0", "--shards", str(data / "vqa-*.tar"), str(data / "ocr-*.tar"),
+                 "--out", str(work / "runs/tokenizer/codebook.safetensors")]) == 0
+    ckpt = fit(work, "tokenizer")
     assert main(["export-tokenizer", "--ckpt", ckpt, "--out", str(work / "runs/tokenizer/export"), "--config", recipe]) == 0
 
 

@@ -73,5 +73,5 @@ def test_the_quickstart_overlay_conditions_on_the_llm(capsys):
     assert model["condition"] == {"class_path": "kelix.dit.conditions.LLMConditions", "init_args": {
         "lm": "runs/llm_stage2_2/export", "tokenizer": "runs/tokenizer/export", "include_markers": True,
         "dtype": "float32"}}
-    assert model["dit"]["cond_dim"] == 64 and (proc["condition"], proc["condition_size"]) == ("llm", 84)
+    assert model["dit"]["cond_dim"] == 128 and (proc["condition"], proc["condition_size"]) == ("llm", 84)
     assert model["vae"]["kind"] == "pixel"  # kept from dit.yaml

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kelix.data.synthetic import COLORS, SHAPES, make_sample
+from kelix.data.synthetic import COLORS, IMAGE_SIZE, SHAPES, make_sample
 from kelix.eval import get_benchmark
 from kelix.eval.synthetic import PLURAL, render_t2i, t2i_text, write_benchmark
 from kelix.eval.t2i_check import check_image, find_blobs
@@ -42,7 +42,7 @@ def test_held_out_images_are_not_training_images(suite):
         for shard in range(2):
             rng = random.Random(f"{shard}:{task}:{task}-{shard:05d}.tar")
             for _ in range(64):
-                train.add(make_sample(task, rng, (64, 160))[1][0].tobytes())
+                train.add(make_sample(task, rng, IMAGE_SIZE)[1][0].tobytes())
         rows = [json.loads(x) for x in (suite / f"synthetic-{task}" / "data.jsonl").read_text().splitlines()]
         held = {Image.open(suite / f"synthetic-{task}" / r["image"]).convert("RGB").tobytes() for r in rows}
         assert not held & train

@@ -70,3 +70,18 @@ def test_stage1_state_from_before_per_slot_projections_loads(image_tokenizer):
     fresh = VisualProjector(4, 32, 16, 64, 48)
     fresh.load_state_dict(old)
     torch.testing.assert_close(fresh.table(), vp.table(), rtol=0, atol=0)
+
+
+def test_standardize_centres_the_blocks_and_sets_their_norm(image_tokenizer):
+    vp = VisualProjector.from_tokenizer(image_tokenizer, 48)
+    vp.code_vectors.add_(torch.linspace(1, 3, vp.d))  # code vectors sharing a direction, as a random encoder's do
+    codes = torch.randint(vp.K, (4096, vp.N), generator=torch.Generator().manual_seed(1))
+    before = vp.block(codes).detach()
+    assert before.mean(0).norm() > 0.5 * before.norm(dim=-1).mean()  # a common direction dominates
+    vp.standardize(0.25)
+    after = vp.block(codes).detach()
+    assert after.norm(dim=-1).mean() == pytest.approx(0.25, rel=0.05)
+    assert after.mean(0).norm() < 0.1 * 0.25  # centred
+    # still a linear map of the code vectors: the folded table gives the same blocks
+    rows = vp.table().view(vp.N, vp.K, -1)
+    torch.testing.assert_close(rows[torch.arange(vp.N), codes].sum(1), after, atol=1e-5, rtol=1e-5)
