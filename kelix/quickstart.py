@@ -156,6 +156,9 @@ def run_stage(name: str, cmd: list[str], export: str, log_dir: str) -> dict:
             **({"steps": step} if step is not None else {})}
 
 
+CODEBOOK_IMAGES = 384  # ~11,500 merged features: 45 per centroid at S = 256, above faiss's 39 (tokenizer.yaml's header)
+
+
 def codebook_path(recipe_dir: str) -> str | None:
     """The k-means codebook the tokenizer recipe starts from (``tokenizer.codebook``), if it names one."""
     return _recipe_value(recipe_dir, STAGES[0][1], ("model", "init_args", "tokenizer", "codebook"))
@@ -166,7 +169,7 @@ def build_codebook(recipe_dir: str, path: str, log_dir: str) -> dict:
     # --feature input: clusters of the quantizer's own input, as tokenizer.yaml's codebook comment says (its
     # encoder and merger are random and frozen, so patch or merged features would land elsewhere)
     cmd = [sys.executable, "-m", "kelix.cli", "build-codebook", "--config", os.path.join(recipe_dir, STAGES[0][1][0]),
-           "--feature", "input"]
+           "--feature", "input", "--max-images", str(CODEBOOK_IMAGES)]
     seconds, _, log = _run("codebook", cmd, log_dir)
     if not os.path.isfile(path):
         raise SystemExit(f"kelix quickstart: kelix build-codebook finished but wrote no {path}")
