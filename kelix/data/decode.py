@@ -17,6 +17,7 @@ decode error then surfaces when the pixels are first used, as the same ``corrupt
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -25,6 +26,7 @@ import weakref
 
 import numpy as np
 from PIL import Image as PILImage
+from PIL import ImageFile
 
 from kelix.data.schema import IMAGE_EXTS, SampleError
 
@@ -57,6 +59,19 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {re.sub(r' at 0x[0-9A-Fa-f]+', '', msg)}"
 
 
+@contextlib.contextmanager
+def _strict_truncation():
+    """PIL decodes a truncated file without error when its global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is
+    set, which another library may do on import (lmms-eval does): the kit skips such a sample as
+    ``corrupt_image`` whatever that flag says, so it is off while the kit decodes."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 class _CheckedLoad:
     """Stands in for a lazy image's ``load``: a decode error becomes ``corrupt_image`` naming the field.
 
@@ -71,7 +86,8 @@ class _CheckedLoad:
     def __call__(self):
         img = self.img()
         try:
-            return type(img).load(img)
+            with _strict_truncation():
+                return type(img).load(img)
         except Exception as e:  # noqa: BLE001 - any decoder failure is one skipped sample
             raise SampleError("corrupt_image", f"{self.where} cannot be decoded: {describe_error(e)}") from e
 
@@ -103,7 +119,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, lazy: bool =
         if lazy and img.mode == "RGB":
             img.load = _CheckedLoad(img, where)
             return img
-        img.load()  # force the full decode now, so a truncated file fails here, not in the model
+        with _strict_truncation():
+            img.load()  # force the full decode now, so a truncated file fails here, not in the model
     return img if img.mode == "RGB" else img.convert("RGB")
 
 

@@ -91,3 +91,16 @@ def test_npy_fields_are_refused_with_the_right_reason(name, data, reason):
     assert e.value.reason == reason
     ok = decode_fields({"cond.npy": npy(np.arange(6).reshape(2, 3))}, "s", "k")
     assert ok["cond.npy"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_truncated_jpeg_is_corrupt_even_when_another_library_allows_truncated_images(monkeypatch, lazy):
+    """lmms-eval sets PIL's global LOAD_TRUNCATED_IMAGES on import; the kit still skips a cut file."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(buf, "JPEG")
+    cut = buf.getvalue()[: len(buf.getvalue()) // 2]
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises((SampleError, OSError)):
+        img = decode_image(cut, lazy=lazy)
+        np.asarray(img)  # a lazy image decodes on first use
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is left as it was

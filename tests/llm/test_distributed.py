@@ -1,6 +1,7 @@
 """The stage-1 recipe under FSDP2 on 2 CPU ranks (bf16 autocast, activation checkpointing): the frozen
 backbone stays bit-identical, the trained parts move, and export_dir gathers the sharded weights."""
 
+import json
 import os
 
 import pytest
@@ -28,6 +29,8 @@ def test_stage1_under_fsdp2_exports_gathered_weights(tmp_path, tok_dir, backbone
                           strategy={"class_path": "kelix.training.parallel.FSDP2Strategy"})
     data = cfg["data"]["init_args"]
     data.update(batch_size=4, num_workers=0, shuffle_buffer=8)
+    with open(os.path.join(tok_dir, "config.json")) as f:
+        data["processor"]["init_args"]["K"] = json.load(f)["K"]  # this test's tiny tokenizer, not the recipe's
     tasks = sorted({s["name"] for s in data["train"]})  # the recipe's own mixture
     data["synthetic"].update(out_dir=str(tmp_path / "syn"), samples_per_shard=8, tasks=tasks)
     data["train"] = [dict(s, shards=str(tmp_path / "syn" / os.path.basename(s["shards"]))) for s in data["train"]]
