@@ -10,8 +10,18 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from kelix.data.synthetic import (BACKGROUNDS, IMAGE_SIZE, OCR_CELL, SHAPES, TASKS, Scene, SyntheticData, make_sample,
-                                  place_shapes, render_scene, world_sentences)
+from kelix.data.synthetic import (
+    BACKGROUNDS,
+    IMAGE_SIZE,
+    OCR_CELL,
+    TASKS,
+    Scene,
+    SyntheticData,
+    make_sample,
+    place_shapes,
+    render_scene,
+    world_sentences,
+)
 from kelix.data.text import load_text_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,7 +87,7 @@ def test_a_scene_draws_each_shape_in_its_colour():
     rng = random.Random(0)
     scene = Scene("white", [("red", "circle"), ("blue", "square"), ("green", "triangle")])
     img = np.asarray(render_scene(scene, 168, 168, rng)).astype(int)
-    for color, rgb in (("red", (220, 40, 40)), ("blue", (40, 80, 220)), ("green", (40, 170, 60))):
+    for rgb in ((220, 40, 40), (40, 80, 220), (40, 170, 60)):  # red, blue, green
         assert (np.abs(img - rgb).sum(-1) == 0).sum() > 0.05 * 84 * 84  # a large shape per quadrant
     assert (np.abs(img - BACKGROUNDS["white"]).sum(-1) == 0).mean() > 0.3
 

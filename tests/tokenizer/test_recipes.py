@@ -53,12 +53,11 @@ def _scalars(run_dir):
 
 def test_quickstart_trains_exports_and_pretokenizes(tmp_path, monkeypatch):
     from kelix.data.stream import ShardStream
+    from kelix.data.synthetic import SyntheticData
+    from kelix.tokenizer.codebook import main as codebook_main
     from kelix.tokenizer.export import main as export_main
     from kelix.tokenizer.model import KelixTokenizer
     from kelix.tokenizer.pretokenize import main as tokenize_main
-
-    from kelix.data.synthetic import SyntheticData
-    from kelix.tokenizer.codebook import main as codebook_main
 
     monkeypatch.chdir(tmp_path)
     recipe = os.path.join(ROOT, "recipes/quickstart/tokenizer.yaml")
