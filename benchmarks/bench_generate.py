@@ -48,10 +48,9 @@ def interleaved(fns: dict, repeat: int) -> dict:
 
 
 def main(argv=None):
-    from benchmarks.bench_llm import QWEN3
+    from benchmarks.bench_llm import QWEN3, make_lm
     from kelix.llm.fast_generate import fast_generate_image
     from kelix.llm.generate import Sampling, generate_image
-    from kelix.llm.model import KelixLM, LLMConfig
 
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser()
@@ -67,9 +66,7 @@ def main(argv=None):
     device = "cuda" if cuda else "cpu"
     big = a.scale != "tiny"
     torch.manual_seed(0)
-    lm = KelixLM(LLMConfig(backbone_config=QWEN3[a.scale], text_tokenizer="builtin:bytes", N=8 if big else 4,
-                           K=8192 if big else 64, visual_input="table", attn_implementation="sdpa",
-                           **({} if big else dict(decoder_width=64, decoder_heads=2, decoder_ffn=128)))).to(device)
+    lm = make_lm(a.scale, device)
     spread_heads(lm)
     lm.eval()
     prompts, grid = [a.prompt] * a.images, (a.grid, a.grid)

@@ -27,6 +27,17 @@ QWEN3 = {
 }
 
 
+def make_lm(scale: str, device):
+    """The benchmarks' unified LLM at a Qwen3 size: N=8, K=8192 (tiny: N=4, K=64 and a small decoder)."""
+    from kelix.llm.config import LLMConfig
+    from kelix.llm.model import KelixLM
+
+    big = scale != "tiny"
+    return KelixLM(LLMConfig(backbone_config=QWEN3[scale], text_tokenizer="builtin:bytes", N=8 if big else 4,
+                             K=8192 if big else 64, visual_input="table", attn_implementation="sdpa",
+                             **({} if big else dict(decoder_width=64, decoder_heads=2, decoder_ffn=128)))).to(device)
+
+
 def make_batch(lm, rows: int, length: int, visual_frac: float, device):
     g = torch.Generator().manual_seed(0)
     v = lm.vocab
@@ -44,7 +55,6 @@ def make_batch(lm, rows: int, length: int, visual_frac: float, device):
 def main(argv=None):
     from kelix.llm.generate import Sampling, generate_image
     from kelix.llm.loss import nbp_loss
-    from kelix.llm.model import KelixLM, LLMConfig
     from kelix.training.callbacks import peak_flops
 
     cuda = torch.cuda.is_available()
@@ -58,11 +68,8 @@ def main(argv=None):
     p.add_argument("--skip", nargs="*", default=[], choices=["heads", "attention", "generate"])
     a = p.parse_args(argv)
     device = "cuda" if cuda else "cpu"
-    big = a.scale != "tiny"
     torch.manual_seed(0)
-    lm = KelixLM(LLMConfig(backbone_config=QWEN3[a.scale], text_tokenizer="builtin:bytes", N=8 if big else 4,
-                           K=8192 if big else 64, visual_input="table", attn_implementation="sdpa",
-                           **({} if big else dict(decoder_width=64, decoder_heads=2, decoder_ffn=128)))).to(device)
+    lm = make_lm(a.scale, device)
     if a.activation_checkpointing:
         from kelix.training.parallel import apply_activation_checkpointing
 

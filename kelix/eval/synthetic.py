@@ -26,7 +26,6 @@ from kelix.eval.t2i_check import check_image
 
 SYNTHETIC = ("synthetic-vqa", "synthetic-ocr", "synthetic-t2i")
 DEFAULT_SEED = 12345
-__all__ = ["PLURAL", "render_t2i", "t2i_text", "write_benchmark", "write_benchmarks"]  # the world's, re-exported
 
 
 def _rows(task: str, n: int, seed: int, size: tuple[int, int]):

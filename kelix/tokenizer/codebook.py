@@ -180,11 +180,11 @@ def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_ima
     def flush():
         with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
             grids = encoder([p.to(device) for p in pending])
+            merged = tok.merger(grids)[0] if tok is not None else None  # under the encoder's autocast
         from kelix.tokenizer.encoder import _merge_order
 
-        if tok is not None:
-            with torch.no_grad():
-                rows = [tok.merger(grids)[0]]
+        if merged is not None:
+            rows = [merged]
         else:
             rows = [g.reshape(-1, g.shape[-1]) if feature == "patch" else _merge_order(g, m) for g in grids]
         res.add(torch.cat(rows).float().cpu().numpy())
