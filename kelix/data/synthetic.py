@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 
-TASKS = ("ocr", "caption", "vqa", "t2i", "interleaved", "text")
+TASKS = ("ocr", "caption", "vqa", "t2i", "interleaved", "text", "dense")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 20), "black": (20, 20, 20)}
 BACKGROUNDS = {"white": (250, 250, 250), "gray": (160, 160, 160), "beige": (230, 215, 180)}
@@ -157,6 +157,8 @@ def make_sample(task: str, rng: random.Random, size: tuple[int, int]) -> tuple[d
                 {"role": "assistant", "content": text}]
         w, h = (OCR_CELL * (max(w, h) // OCR_CELL), OCR_CELL * (min(w, h) // OCR_CELL))
         return {"task": "ocr", "messages": msgs}, [render_text(text, w, h, rng)]
+    if task == "dense":  # dense rendered digits: several characters per merged patch (kelix.data.synthetic_dense)
+        return __import__("kelix.data.synthetic_dense", fromlist=["dense_sample"]).dense_sample(rng, size)
     if task == "t2i":
         color, count, shape, background = random_t2i(rng)
         side = max(w, h)
