@@ -25,6 +25,7 @@ _MODULES = {
                     "kelix.eval.mcq"),
     **dict.fromkeys(["ocrbench", "textvqa", "chartqa"], "kelix.eval.vqa"),
     **dict.fromkeys(["synthetic-vqa", "synthetic-ocr", "synthetic-t2i"], "kelix.eval.synthetic"),
+    "synthetic-dense": "kelix.eval.synthetic_dense",
     **dict.fromkeys(["geneval", "dpg-bench", "wise"], "kelix.eval.generation"),
 }
 
