@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image as PILImage
 
-from kelix.llm.generate import Sampling, generate_image, generate_text, understanding_doc
+from kelix.llm.generate import Sampling, generate_image, generate_text, image_inputs, understanding_doc
 
 PIPELINE_FILE = "pipeline.json"
 
@@ -140,10 +140,10 @@ class KelixPipeline:
         """Answer ``question`` about ``images`` (a PIL image or a list; may be empty for text chat).
         ``stop_ids`` end the answer (default :func:`~kelix.llm.generate.default_stop_ids`)."""
         images = [images] if isinstance(images, PILImage.Image) else list(images or [])
-        codes = self.tokenizer.encode(images) if images else []
+        codes, feats = image_inputs(self.tokenizer, images, self.lm.vocab.N) if images else ([], None)
         doc = understanding_doc(self.lm, question, codes)
         ids = generate_text(self.lm, [doc], max_new_blocks=max_new_tokens, sampling=sampling or Sampling(temperature=0),
-                            progress=progress, stop_ids=stop_ids)
+                            progress=progress, stop_ids=stop_ids, visual_embeds=[torch.cat(feats)] if feats else None)
         return self.lm.text_tokenizer.decode(ids[0], skip_special_tokens=True).strip()
 
     # -- generation

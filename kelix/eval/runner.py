@@ -27,16 +27,20 @@ class PipelineModel:
         self.pipe, self.sampling = pipe, sampling
 
     def answer(self, requests: list[tuple[list, str]], max_new_tokens: int = 32) -> list[str]:
-        from kelix.llm.generate import Sampling, generate_text, understanding_doc
+        import torch
+
+        from kelix.llm.generate import Sampling, generate_text, image_inputs, understanding_doc
 
         lm, tok = self.pipe.lm, self.pipe.tokenizer
         flat = [im for ims, _ in requests for im in ims]
-        codes = tok.encode(flat) if flat else []
-        docs, k = [], 0
+        codes, feats = image_inputs(tok, flat, lm.vocab.N) if flat else ([], None)
+        docs, per_doc, k = [], [], 0
         for ims, prompt in requests:
             docs.append(understanding_doc(lm, prompt, list(codes[k:k + len(ims)])))
+            per_doc += [torch.cat(feats[k:k + len(ims)])] if feats and ims else []
             k += len(ims)
-        ids = generate_text(lm, docs, max_new_blocks=max_new_tokens, sampling=self.sampling or Sampling(temperature=0))
+        ids = generate_text(lm, docs, max_new_blocks=max_new_tokens, sampling=self.sampling or Sampling(temperature=0),
+                            visual_embeds=per_doc or None)
         return [lm.text_tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
     def render(self, prompts: list[str], seed: int = 0) -> list:

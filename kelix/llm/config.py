@@ -23,7 +23,11 @@ class LLMConfig:
         K: entries per sub-codebook (default: the image tokenizer's).
         visual_input: ``projector`` (stage 1: frozen tokenizer embeddings through a trainable linear
             up-projector) or ``table`` (visual rows of the embedding table: stage 2 on after
-            ``kelix unify-embeddings``; built fresh it is Table 7 exp2, a random visual table).
+            ``kelix unify-embeddings``; built fresh it is Table 7 exp2, a random visual table) or
+            ``continuous`` (Table 6a's continuous baseline, a tokenizer with ``quantizer: none``: each
+            visual position reads the tokenizer's continuous features through a trainable linear
+            up-projector, kept in every stage; no visual ids are predicted, so understanding only).
+            ``projector`` with a continuous tokenizer becomes ``continuous``.
         predictor: ``block_decoder`` (Eq. 6) or ``parallel`` (Table 7 exp3: N+1 linear heads on h_i,
             one for a text block's token and one per code of a visual block).
         decoder_width: block decoder width (official 512).
@@ -66,7 +70,7 @@ class LLMConfig:
     image_tokenizer: str | None = None
     N: int | None = None
     K: int | None = None
-    visual_input: Literal["projector", "table"] = "table"
+    visual_input: Literal["projector", "table", "continuous"] = "table"
     predictor: Literal["block_decoder", "parallel"] = "block_decoder"
     decoder_width: int = 512
     decoder_layers: int = 1
@@ -86,8 +90,8 @@ class LLMConfig:
     fusion: str = "sum"
 
     def __post_init__(self):
-        if self.visual_input not in ("projector", "table"):
-            raise ValueError(f"lm.visual_input {self.visual_input!r} is not projector or table")
+        if self.visual_input not in ("projector", "table", "continuous"):
+            raise ValueError(f"lm.visual_input {self.visual_input!r} is not projector, table or continuous")
         if self.predictor not in ("block_decoder", "parallel"):
             raise ValueError(f"lm.predictor {self.predictor!r} is not block_decoder or parallel")
         if self.visual_init not in ("standardized", "default"):

@@ -112,3 +112,36 @@ class VisualProjector(nn.Module):
             x = nn.functional.linear(self.code_vectors[j] * self.scale, self.tok_up.weight[:, j * d:(j + 1) * d])
             out.append(nn.functional.linear(x, self.up_projector.weight) + self._bias())
         return torch.cat(out)
+
+
+class ContinuousProjector(nn.Module):
+    """Stage 1's aligner for the continuous baseline (Table 6a; tokenizer ``quantizer: none``): the
+    tokenizer's features ``[..., out_dim]`` (merger -> its up-projector) -> the LLM width. There are no
+    codes, so nothing folds into the embedding table: the projector stays in every later stage.
+
+    Args:
+        out_dim: width of the tokenizer's features.
+        hidden: the LLM's hidden size D.
+    """
+
+    def __init__(self, out_dim: int, hidden: int):
+        super().__init__()
+        self.up_projector = nn.Linear(out_dim, hidden)
+        # set once the projector has been standardized on real features (saved: a loaded one is not redone)
+        self.register_buffer("standardized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def standardize(self, features: torch.Tensor, target_norm: float) -> None:
+        """Start the projector so ``features [T, out_dim]`` (a batch of real images) embed around zero with
+        mean norm ``target_norm``: :meth:`VisualProjector.standardize` for features that only real images
+        give (their common direction would otherwise dominate the residual stream, as codes' did)."""
+        x = features.float()
+        mean = x.mean(0)
+        w = self.up_projector.weight
+        spread = nn.functional.linear(x - mean, w.float()).norm(dim=-1).mean().clamp(min=1e-8)
+        w.mul_(target_norm / spread)
+        self.up_projector.bias.copy_(-nn.functional.linear(mean, w.float()).to(w.dtype))
+        self.standardized.fill_(True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.up_projector(features.to(self.up_projector.weight.dtype))

@@ -177,8 +177,9 @@ def default_stop_ids(lm) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
-def _left_pad(lm, docs: list[BlockDoc]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt documents -> block embeddings ``[B, L, D]`` and mask ``[B, L]``, left padded."""
+def _left_pad(lm, docs: list[BlockDoc], visual_embeds: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt documents -> block embeddings ``[B, L, D]`` and mask ``[B, L]``, left padded (``visual_embeds``:
+    a continuous model's features of each document's visual blocks, in order)."""
     device = next(lm.parameters()).device
     N, L = lm.vocab.N, max(len(d) for d in docs)
     pad = lm.text_tokenizer.pad_token_id or 0
@@ -190,7 +191,8 @@ def _left_pad(lm, docs: list[BlockDoc]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens[b, L - n:] = torch.tensor(d.tokens)
         codes[b, L - n:] = d.codes(N)
         mask[b, L - n:] = 1
-    return lm.embed_blocks(tokens.to(device), codes.to(device)), mask.to(device)
+    feats = torch.cat([f.to(device) for f in visual_embeds]) if visual_embeds else None
+    return lm.embed_blocks(tokens.to(device), codes.to(device), feats), mask.to(device)
 
 
 def _embed_one(lm, tokens: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,6 +217,15 @@ def understanding_doc(lm, question: str, codes: list[torch.Tensor]) -> BlockDoc:
     return doc
 
 
+def image_inputs(tokenizer, images: list, N: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """What the LLM reads of ``images``: code grids ``[h, w, N]`` and no features, or for a continuous
+    tokenizer (``quantizer: none``) placeholder grids of zeros and each image's features ``[h*w, out_dim]``."""
+    if tokenizer.has_codes:
+        return tokenizer.encode(images), None
+    feats = tokenizer.features(images)
+    return [torch.zeros(f.shape[0], f.shape[1], N, dtype=torch.long) for f in feats], [f.flatten(0, 1) for f in feats]
+
+
 def prompt_doc(lm, prompt: str) -> BlockDoc:
     """The text-to-image prompt: ``user: prompt`` then the assistant header (the image follows)."""
     doc = BlockDoc()
@@ -225,12 +236,14 @@ def prompt_doc(lm, prompt: str) -> BlockDoc:
 @torch.no_grad()
 def generate_text(lm, docs: list[BlockDoc], max_new_blocks: int = 64, sampling: Sampling | None = None,
                   use_cache: bool = True, decoder_cache: bool = True, stop_ids: tuple[int, ...] | None = None,
-                  progress: bool = False) -> list[list[int]]:
+                  progress: bool = False, visual_embeds: list[torch.Tensor] | None = None) -> list[list[int]]:
     """Continue each prompt document with text blocks until a stop id (or ``max_new_blocks``).
 
     Args:
         stop_ids: ids that end a row's answer (default :func:`default_stop_ids`; ``()``: none).
         progress: show a progress bar of blocks.
+        visual_embeds: a continuous model's image features, per document ``[n_visual_blocks, out_dim]``
+            (:func:`image_inputs`); None for a model that reads codes.
     Returns:
         the new token ids of each row, the stop token excluded.
     """
@@ -242,7 +255,7 @@ def generate_text(lm, docs: list[BlockDoc], max_new_blocks: int = 64, sampling: 
     lm.eval()
     stops = set(default_stop_ids(lm) if stop_ids is None else stop_ids)
     run, draw = BackboneRunner(lm, use_cache), BlockDrawer(lm, s, _generator(lm, s), decoder_cache)
-    embeds, mask = _left_pad(lm, docs)
+    embeds, mask = _left_pad(lm, docs, visual_embeds)
     h = run.prefill(embeds, mask)[:, -1]
     pad = lm.text_tokenizer.pad_token_id or 0
     out: list[list[int]] = [[] for _ in docs]

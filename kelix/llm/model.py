@@ -30,7 +30,7 @@ from torch import nn
 from kelix.llm.attention import VARLEN, doc_bounds, use_varlen, varlen_kernel
 from kelix.llm.config import BlockPrediction, LLMConfig
 from kelix.llm.decoder import BlockDecoder, ParallelHeads
-from kelix.llm.embed import VisualProjector
+from kelix.llm.embed import ContinuousProjector, VisualProjector
 from kelix.llm.layout import Layout
 from kelix.llm.vocab import Vocab, extend_text_tokenizer
 
@@ -96,12 +96,15 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         self.vocab = Vocab.build(self.text_tokenizer, cfg.visual_offset, cfg.N, cfg.K)
         D = self.hidden_size
         self.visual = None
-        if cfg.visual_input == "projector":
+        if cfg.visual_input == "continuous":  # Table 6a's continuous baseline: features, not codes
+            if not cfg.vq_out_dim:
+                raise ValueError("lm.visual_input=continuous needs lm.image_tokenizer (a quantizer: none tokenizer)")
+            self.visual = ContinuousProjector(cfg.vq_out_dim, D)
+        elif cfg.visual_input == "projector":
             if image_tok is not None:
                 self.visual = VisualProjector.from_tokenizer(image_tok, D)
                 if cfg.visual_init == "standardized":
-                    text = self.backbone.get_input_embeddings().weight[: len(self.text_tokenizer)]
-                    self.visual.standardize(float(text.detach().float().norm(dim=-1).mean()))
+                    self.visual.standardize(self.text_row_norm())
             elif cfg.vq_dim and cfg.vq_out_dim:  # loading: tensors come from model.safetensors
                 self.visual = VisualProjector(cfg.N, cfg.K, cfg.vq_dim, cfg.vq_out_dim, D, cfg.fusion)
             else:
@@ -126,6 +129,12 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
                 raise ValueError(f"lm.{name}={want} but the image tokenizer {cfg.image_tokenizer} has {name}={have}")
         cfg.N, cfg.K, cfg.fusion = tok.config.N, tok.config.K, tok.config.fusion
         cfg.vq_dim, cfg.vq_out_dim = tok.config.d, tok.config.out_dim
+        if not tok.has_codes and cfg.visual_input != "continuous":
+            if cfg.visual_input == "table":
+                raise ValueError(f"lm.image_tokenizer {cfg.image_tokenizer} is continuous (quantizer: none): it has no "
+                                 "codes for a visual table; use lm.visual_input projector or continuous")
+            log.info("lm.image_tokenizer is continuous (quantizer: none): visual_input projector -> continuous")
+            cfg.visual_input = "continuous"
         return tok
 
     @torch.no_grad()
@@ -187,17 +196,38 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         return self.vocab.slot_ranges(kind)
 
     # -- block encoder (Eq. 4)
+    @property
+    def continuous(self) -> bool:
+        """Visual positions read continuous features (``visual_input: continuous``), not codes."""
+        return self.config.visual_input == "continuous"
+
+    def text_row_norm(self) -> float:
+        """Mean norm of the text rows of the input table (what standardized visual inputs are scaled to)."""
+        text = self.backbone.get_input_embeddings().weight[: len(self.text_tokenizer)]
+        return float(text.detach().float().norm(dim=-1).mean())
+
     def code_embed(self, slot: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Embedding of code ``code`` of sub-codebook ``slot`` (broadcast shapes) -> ``[..., D]``."""
+        if self.continuous:
+            raise RuntimeError("a continuous-feature model (visual_input: continuous) has no code embeddings")
         if self.visual is not None:
             return self.visual.rows(slot, code)
         return self.backbone.get_input_embeddings()(self.vocab.visual_offset + slot * self.vocab.K + code)
 
-    def embed_blocks(self, tokens: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """``tokens [B, L]`` (text id, or -1 for a visual block) and ``codes [B, L, N]`` -> ``[B, L, D]``."""
+    def embed_blocks(self, tokens: torch.Tensor, codes: torch.Tensor,
+                     visual_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens [B, L]`` (text id, or -1 for a visual block) and ``codes [B, L, N]`` -> ``[B, L, D]``.
+        A continuous model reads ``visual_embeds [Nv, out_dim]`` instead of codes: the tokenizer's features
+        of the visual blocks in row-major order of ``tokens``."""
         emb = self.backbone.get_input_embeddings()
         is_vis = tokens < 0
         x = emb(tokens.clamp(min=0))
+        if self.continuous and bool(is_vis.any()):
+            n = int(is_vis.sum())
+            if visual_embeds is None or visual_embeds.shape[0] != n:
+                got = None if visual_embeds is None else tuple(visual_embeds.shape)
+                raise ValueError(f"a continuous model needs visual_embeds for its {n} visual blocks, got {got}")
+            return x.masked_scatter(is_vis[..., None], self.visual(visual_embeds).to(x.dtype))
         if bool(is_vis.any()):
             vc = codes[is_vis]
             bad = (vc < 0) | (vc >= self.vocab.K)
@@ -321,10 +351,14 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         return tuple(torch.cat(x) for x in zip(*parts))
 
     def forward(self, tokens: torch.Tensor, codes: torch.Tensor, position_ids: torch.Tensor | None,
-                targets: torch.Tensor, return_hidden: bool = False, return_logits: bool = False) -> BlockPrediction:
-        """Teacher-forced next-block prediction: block i+1 is predicted from h_i where ``targets[:, i+1]``."""
+                targets: torch.Tensor, return_hidden: bool = False, return_logits: bool = False,
+                visual_embeds: torch.Tensor | None = None) -> BlockPrediction:
+        """Teacher-forced next-block prediction: block i+1 is predicted from h_i where ``targets[:, i+1]``.
+        A continuous model (``visual_embeds``, see :meth:`embed_blocks`) predicts text blocks only."""
         N, K, vo = self.vocab.N, self.vocab.K, self.vocab.visual_offset
-        h, _ = self.hidden(self.embed_blocks(tokens, codes), position_ids)
+        h, _ = self.hidden(self.embed_blocks(tokens, codes, visual_embeds), position_ids)
+        if self.continuous:  # no visual ids to predict: visual targets are dropped
+            targets = targets & (tokens >= 0)
         rows, pos = targets[:, 1:].nonzero(as_tuple=True)
         hs = h[rows, pos]
         nxt, nxt_codes = tokens[rows, pos + 1], codes[rows, pos + 1]

@@ -100,7 +100,9 @@ class UnifiedLLMModule(KelixModule):
             raise ValueError("set model.init_args.lm (the architecture) or init_from (a Kelix LLM directory)")
         else:
             self.lm = KelixLM(lm)
-        if unify and self.lm.visual is not None:
+        if unify and self.lm.continuous:
+            log.info("unify: a continuous-feature model has no codes to fold; it keeps its projector")
+        elif unify and self.lm.visual is not None:
             from kelix.llm.unify import unify_embeddings
 
             unify_embeddings(self.lm, visual_table)
@@ -160,6 +162,9 @@ class UnifiedLLMModule(KelixModule):
             from kelix.tokenizer.model import KelixTokenizer
 
             tok = KelixTokenizer.from_pretrained(self.image_tokenizer_path).eval().requires_grad_(False)
+            if tok.has_codes == self.lm.continuous:
+                raise ValueError(f"image tokenizer {self.image_tokenizer_path} is {'discrete' if tok.has_codes else 'continuous'}"
+                                 f" but the model's visual_input is {self.lm.config.visual_input}")
             if (tok.config.N, tok.config.K) != (self.lm.vocab.N, self.lm.vocab.K):
                 raise ValueError(f"image tokenizer {self.image_tokenizer_path} has N={tok.config.N}, K={tok.config.K}; "
                                  f"the model N={self.lm.vocab.N}, K={self.lm.vocab.K}")
@@ -169,9 +174,18 @@ class UnifiedLLMModule(KelixModule):
     @torch.no_grad()
     def encode_images(self, batch: dict) -> torch.Tensor:
         """The batch's codes with every pixel image's codes filled in."""
+        return self.visual_inputs(batch)[0]
+
+    @torch.no_grad()
+    def visual_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(codes, visual_embeds)``: the batch's codes with every pixel image's codes filled in, or for a
+        continuous model the placeholder codes and the tokenizer's features of every visual block, in
+        row-major order of the batch's blocks (what :meth:`KelixLM.embed_blocks` reads)."""
         pixels = batch.get("image_pixels") or []
         if not pixels:
-            return batch["codes"]
+            if self.lm.continuous and bool((batch["tokens"] < 0).any()):
+                raise ValueError("a continuous model reads pixel images: the batch's images are pre-tokenized codes")
+            return batch["codes"], None
         tok = self.image_tokenizer.to(self.device)
         # the processor's uint8 pixels are normalised here, on the device, by the tokenizer's own mean/std
         # (float ones are taken as normalised already: KelixTokenizer.preprocess output)
@@ -179,20 +193,40 @@ class UnifiedLLMModule(KelixModule):
                   else p.to(self.device, torch.float32) for p in pixels]
         # in the tokenizer's own precision, not the run's autocast: the same codes as `kelix tokenize`
         with torch.autocast(self.device.type, enabled=False):
-            q, grids = tok.quantize(pixels)
+            if self.lm.continuous:
+                out = tok(pixels)
+                q, grids = None, out.grids
+            else:
+                q, grids = tok.quantize(pixels)
         want = [tuple(g) for g in batch["image_grids"].tolist()]
         if [tuple(g) for g in grids] != want:
             raise ValueError(f"image tokenizer grids {grids[:3]} differ from the processor's {want[:3]}: "
                              f"data.processor.image must match the tokenizer's image config")
+        where = torch.cat(list(batch["image_index"])).to(self.device)
+        if q is None:  # features in the image order of image_index -> row-major order of the blocks
+            feats = out.embeds.float()[where.argsort()]
+            if self.training and not bool(self.lm.visual.standardized):
+                self._standardize(feats)
+            return batch["codes"], feats
         codes = batch["codes"].clone()
         N = codes.shape[-1]
-        codes.view(-1, N)[torch.cat(list(batch["image_index"])).to(codes.device)] = q.codes.long()
-        return codes
+        codes.view(-1, N)[where.to(codes.device)] = q.codes.long()
+        return codes, None
+
+    def _standardize(self, feats: torch.Tensor) -> None:
+        """The continuous projector's data-dependent start (lm.visual_init: standardized), on the first
+        training batch; rank 0's is broadcast so every rank starts alike."""
+        if self.lm.config.visual_init == "standardized":
+            self.lm.visual.standardize(feats, self.lm.text_row_norm())
+            if self._trainer is not None and self.trainer.world_size > 1:
+                for t in (self.lm.visual.up_projector.weight, self.lm.visual.up_projector.bias):
+                    t.data.copy_(self.trainer.strategy.broadcast(t.data, src=0))
+        self.lm.visual.standardized.fill_(True)
 
     # -- training
     def step(self, batch, split):
-        codes = self.encode_images(batch)
-        pred = self.lm(batch["tokens"], codes, batch["position_ids"], batch["targets"])
+        codes, feats = self.visual_inputs(batch)
+        pred = self.lm(batch["tokens"], codes, batch["position_ids"], batch["targets"], visual_embeds=feats)
         out = nbp_loss(pred, self.lm.vocab.N, self.block_loss)
         n = self.sample_every_n_steps
         if n and ((split == "train" and self.global_step % n == 0) or (split == "val" and not self._val_sampled)):

@@ -31,6 +31,8 @@ def unify_embeddings(lm, mode: str = "fold") -> None:
         raise ValueError(f"unify mode {mode!r} is not fold or random")
     if lm.visual is None:
         raise ValueError("the model already reads visual ids from its embedding table (nothing to unify)")
+    if lm.config.visual_input == "continuous":
+        raise ValueError("a continuous-feature model (visual_input: continuous) has no codes to fold into a table")
     v = lm.vocab
     if mode == "fold":
         emb = lm.backbone.get_input_embeddings()

@@ -353,6 +353,19 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
                 out.append(codes.view(h, w, self.config.N))
         return out
 
+    @torch.no_grad()
+    def features(self, images: list, batch_size: int = 16) -> list[torch.Tensor]:
+        """PIL images -> the continuous baseline's features ``[h, w, out_dim]`` (what ``encode`` is for codes)."""
+        if self.has_codes:
+            raise RuntimeError("features() is the continuous baseline's (quantizer: none); use encode()")
+        p = next(self.encoder.parameters())
+        out = []
+        for s in range(0, len(images), batch_size):
+            res = self([x.to(p.device, p.dtype) for x in self.preprocess(images[s : s + batch_size])])
+            for e, (h, w) in zip(res.embeds.split([h * w for h, w in res.grids]), res.grids):
+                out.append(e.view(h, w, -1))
+        return out
+
     def code_vectors(self) -> torch.Tensor:
         """``[N, K, d]``: the quantized vector ``z_q`` each code stands for (cached in eval mode)."""
         if not self.has_codes:
