@@ -66,7 +66,7 @@ def render_dense(answer: str, rng: random.Random, side: int = SIDE) -> tuple[Ima
     span = -(-LINE_CHARS * GLYPH_CELL // MERGED), -(-LINES * GLYPH_CELL // MERGED)  # merged patches covered
     col, row = rng.randint(0, cells - span[0]), rng.randint(0, cells - span[1])
     for line, boxes in zip(lines, glyph_boxes(col, row)):
-        for ch, (x0, y0, x1, y1) in zip(line, boxes):
+        for ch, (x0, y0, _, _) in zip(line, boxes):
             left, top, right, bottom = draw.textbbox((0, 0), ch, font=font)
             x = x0 + (GLYPH_CELL - (right - left)) // 2 - left
             y = y0 + (GLYPH_CELL - (bottom - top)) // 2 - top
@@ -83,4 +83,4 @@ def dense_sample(rng: random.Random, size: tuple[int, int] | None = None,
     img, _ = render_dense(answer, rng)
     msgs = [{"role": "user", "content": [{"type": "image", "image": "0.jpg"}, {"type": "text", "text": QUESTION}]},
             {"role": "assistant", "content": answer}]
-    return {"task": "dense", "messages": msgs}, [img]
+    return {"task": "ocr", "messages": msgs}, [img]  # schema task: reading text (shards keep the name dense)

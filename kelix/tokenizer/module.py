@@ -257,6 +257,7 @@ class TokenizerModule(KelixModule):
             return stats
         logs = {f"{prefix}/tokens": float(tokens)}
         for name, values in stats.items():
+            values = values.reshape(-1)  # torchmetrics squeezes a one-element result (N = 1) to a scalar
             for j, v in enumerate(values.tolist()):
                 logs[f"{prefix}/{name}_{j}"] = v
             logs[f"{prefix}/{name}_mean"] = float(values.mean())
