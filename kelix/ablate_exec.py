@@ -19,6 +19,7 @@ import traceback
 
 from kelix.quickstart import _follow, _versions, run_summary
 
+DISTINCT_IMAGES = 200  # held-out dense images of the token probe (400 text patches)
 PRELOAD = ("kelix.training.cli", "kelix.tokenizer.module", "kelix.tokenizer.codebook", "kelix.llm.module",
            "kelix.data.datamodule", "kelix.pipeline", "kelix.eval.runner", "kelix.eval.synthetic",
            "kelix.eval.synthetic_dense", "tensorboard.backend.event_processing.event_accumulator")
@@ -113,14 +114,16 @@ def score(run, bench_root: str, counts: dict[str, int], eval_dir: str, stages: d
     from kelix.eval import get_benchmark
     from kelix.eval.runner import PipelineModel
     from kelix.eval.runner import run as run_benchmark
+    from kelix.eval.synthetic_dense import token_distinctness
     from kelix.llm.model import KelixLM
     from kelix.pipeline import KelixPipeline
     from kelix.tokenizer.model import KelixTokenizer
 
     transformers.utils.logging.disable_progress_bar()
-    model = PipelineModel(KelixPipeline(KelixTokenizer.from_pretrained(run.tokenizer),
-                                        KelixLM.from_pretrained(run.llm)))
+    tok = KelixTokenizer.from_pretrained(run.tokenizer)
+    model = PipelineModel(KelixPipeline(tok, KelixLM.from_pretrained(run.llm)))
     results, t = {}, time.time()
+    probe = token_distinctness(tok, DISTINCT_IMAGES)
     for name, n in counts.items():
         bench = get_benchmark(name)
         out = os.path.join(eval_dir, name)
@@ -134,6 +137,7 @@ def score(run, bench_root: str, counts: dict[str, int], eval_dir: str, stages: d
            "text_rich": results["synthetic-dense"]["overall"].get("corpus_char_acc"),
            "ocr": results.get("synthetic-ocr", {}).get("overall", {}).get("corpus_char_acc"),
            "lm_loss": lm.get("losses", {}).get("val/loss"),
+           "dense_distinct": probe["distinct"], "dense_tokens": probe["tokens"],
            "per_category": results["synthetic-vqa"].get("per_category", {}),
            "dense_exact": results["synthetic-dense"]["overall"].get("exact"),
            "items": counts, "stages": stages, "eval_seconds": round(time.time() - t, 1),

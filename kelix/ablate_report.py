@@ -4,7 +4,10 @@ Each row of a table names a run of the suite (:data:`TABLES`); a run trained onc
 section that names it (the default Kelix-Tok is the independent row of (b), the sum row of (c) and N = 4).
 Columns: ``general`` (synthetic-vqa accuracy: colour, shape, count), ``text-rich`` (synthetic-dense
 character accuracy: several digits per merged patch), ``OCR`` (synthetic-ocr character accuracy) and
-``LM loss`` (validation loss of the last LLM stage). A cell is the mean over seeds ± their sample
+``LM loss`` (validation loss of the last LLM stage), and ``tokens distinct``: the fraction of the dense
+task's text patches whose visual token no patch of other content shares
+(:func:`kelix.eval.synthetic_dense.token_distinctness`: what any reader of the tokens could tell apart,
+measured on the tokenizer alone). A cell is the mean over seeds ± their sample
 standard deviation (n - 1 in the denominator; one seed: the value alone).
 """
 
@@ -16,7 +19,7 @@ import os
 
 # (key in a run's scores, column title, as a percentage)
 COLUMNS = (("general", "general", True), ("text_rich", "text-rich", True), ("ocr", "OCR", True),
-           ("lm_loss", "LM loss", False))
+           ("lm_loss", "LM loss", False), ("dense_distinct", "tokens distinct", True))
 
 TABLES: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
     "tokenizer": [
@@ -102,7 +105,9 @@ def format_markdown(suite: str, rows: list[dict], header: str = "") -> str:
         lines.append(f"| {r['label']} | {r['run']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", "general: synthetic-vqa accuracy (colour, shape, count), text-rich: synthetic-dense character "
               "accuracy (2 x 4 digits, 4 per merged patch), OCR: synthetic-ocr character accuracy, all in %; "
-              "LM loss: validation loss of the last LLM stage. Cells: mean ± sample standard deviation over seeds."]
+              "LM loss: validation loss of the last LLM stage; tokens distinct: % of the dense task's text patches whose "
+              "visual token no patch of other content shares (the tokenizer alone). "
+              "Cells: mean ± sample standard deviation over seeds."]
     return "\n".join(lines) + "\n"
 
 

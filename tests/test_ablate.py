@@ -89,21 +89,22 @@ def test_plan_trains_shared_stages_once():
 
 
 def test_table_rows_and_mean_spread(tmp_path):
-    scores = {"kelix_tok": {0: {"general": 0.5, "text_rich": 0.2, "ocr": 0.4, "lm_loss": 2.0},
-                            1: {"general": 0.7, "text_rich": 0.4, "ocr": 0.4, "lm_loss": 3.0},
-                            2: {"general": 0.6, "text_rich": 0.9, "ocr": 0.4, "lm_loss": 2.5}},
-              "one_code": {0: {"general": 0.25, "text_rich": 0.1, "ocr": None, "lm_loss": 4.0}}}
+    scores = {"kelix_tok": {0: {"general": 0.5, "text_rich": 0.2, "ocr": 0.4, "lm_loss": 2.0, "dense_distinct": 0.9},
+                            1: {"general": 0.7, "text_rich": 0.4, "ocr": 0.4, "lm_loss": 3.0, "dense_distinct": 0.9},
+                            2: {"general": 0.6, "text_rich": 0.9, "ocr": 0.4, "lm_loss": 2.5, "dense_distinct": 0.6}},
+              "one_code": {0: {"general": 0.25, "text_rich": 0.1, "ocr": None, "lm_loss": 4.0, "dense_distinct": 0.05}}}
     md, js = ablate_report.write(str(tmp_path), "tokenizer", scores, {"seeds": 3})
     text = open(md).read()
     # hand-computed: general 0.5, 0.7, 0.6 -> mean 60.0, sd 10.0; text-rich 0.2, 0.4, 0.9 -> 50.0,
-    # sd sqrt((0.09 + 0.01 + 0.16) / 2) = 36.06; OCR 40.0 ± 0.0; loss 2.5 ± 0.5; one seed: no spread
-    want = "| 3 | 60.0 ± 10.0 | 50.0 ± 36.1 | 40.0 ± 0.0 | 2.500 ± 0.500 |"
+    # sd sqrt((0.09 + 0.01 + 0.16) / 2) = 36.06; OCR 40.0 ± 0.0; loss 2.5 ± 0.5; distinct 0.9, 0.9, 0.6 ->
+    # 80.0, sd sqrt((0.01 + 0.01 + 0.04) / 2) = 17.32; one seed: no spread
+    want = "| 3 | 60.0 ± 10.0 | 50.0 ± 36.1 | 40.0 ± 0.0 | 2.500 ± 0.500 | 80.0 ± 17.3 |"
     lines = text.splitlines()
     kt = [ln for ln in lines if "| kelix_tok |" in ln]
     assert len(kt) == 4 and all(ln.endswith(want) for ln in kt)  # (a), (b), (c) and the N sweep
     oc = [ln for ln in lines if "| one_code |" in ln]
-    assert len(oc) == 4 and all(ln.endswith("| 1 | 25.0 | 10.0 | n/a | 4.000 |") for ln in oc)  # (a), (d), (e), VQ
-    assert "| Shared codebook | shared | 0 | n/a | n/a | n/a | n/a |" in lines
+    assert len(oc) == 4 and all(ln.endswith("| 1 | 25.0 | 10.0 | n/a | 4.000 | 5.0 |") for ln in oc)  # (a), (d), (e), VQ
+    assert "| Shared codebook | shared | 0 | n/a | n/a | n/a | n/a | n/a |" in lines
     sections = [ln for ln in lines if ln.startswith("| *")]
     assert len(sections) == len(ablate_report.TABLES["tokenizer"])
     doc = json.load(open(js))
