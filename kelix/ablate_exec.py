@@ -189,6 +189,8 @@ def run_all(runs, out: str, counts: dict[str, int], mode: str = "fork") -> dict[
                 if s.done():
                     stages[s.kind] = "reused"
                     continue
+                bar.reset()  # each stage counts its own steps
+                bar.set_postfix_str("", refresh=False)
                 bar.set_description(f"{run.row} s{run.seed} {s.kind}")
                 log, t = os.path.join(log_dir, f"{s.id}.log"), time.time()
                 rc, step = (forked(_kelix, (s.argv,), log, bar) if mode == "fork" else spawned(s.argv, log, bar))
@@ -197,6 +199,8 @@ def run_all(runs, out: str, counts: dict[str, int], mode: str = "fork") -> dict[
                 if not s.done():
                     raise SystemExit(f"kelix ablate: stage {s.id} finished but wrote no {s.export}  ({log})")
                 stages[s.kind] = f"{step} steps {time.time() - t:.0f}s" if step else f"{time.time() - t:.0f}s"
+            bar.reset()
+            bar.set_postfix_str("", refresh=False)
             bar.set_description(f"{run.row} s{run.seed} eval")
             log = os.path.join(log_dir, f"{run.row}_s{run.seed}_eval.log")
             eval_dir = os.path.join(out, "eval", f"{run.row}_s{run.seed}")
