@@ -148,6 +148,16 @@ def test_forked_child_reports_its_bar_and_status(tmp_path):
     assert "hello from the child" in open(tmp_path / "log").read()
 
 
+def test_spawned_runs_the_kelix_command(tmp_path):
+    from tqdm import tqdm
+
+    with tqdm(disable=True) as bar:
+        rc, step = ablate_exec.spawned(["--version"], str(tmp_path / "log"), bar)
+    assert (rc, step) == (0, None)
+    log = open(tmp_path / "log").read()
+    assert log.startswith("$ kelix --version") and "kelix " in log.splitlines()[1]
+
+
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
     from kelix.data.synthetic import SyntheticData
