@@ -121,7 +121,7 @@ def plan(suite: str, seeds: int, out: str, recipes: str = RECIPES, rows: list[st
         return s
 
     def tokenizer_stages(row: str, seed: int, run: Run):
-        overlay = f"{suite if suite == 'tokenizer' else 'tokenizer'}/{row}.yaml"
+        overlay = f"tokenizer/{row}.yaml"  # the LLM suite's one tokenizer is a row of the tokenizer suite
         tok = tokenizer_config(recipes, overlay)
         extra = []
         if tok.get("quantizer", "pq") in ("pq", "shared", "rvq") and tok.get("codebook"):
@@ -240,6 +240,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    if a.seeds < 1:
+        raise SystemExit("kelix ablate: --seeds must be at least 1")
     overrides = a.overrides[1:] if a.overrides[:1] == ["--"] else a.overrides
     out = a.out or os.path.join("outputs", "ablations", a.suite)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()] if a.rows else None
@@ -248,8 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.dry_run:
         print(format_plan(runs))
         return 0
-    if a.seeds < 1:
-        raise SystemExit("kelix ablate: --seeds must be at least 1")
     from kelix import ablate_exec
 
     counts = {k: a.eval_items or v for k, v in EVAL_ITEMS.items()}
