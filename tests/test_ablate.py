@@ -188,6 +188,15 @@ def test_tokenizer_row_trains_two_steps(row, tiny_shards, monkeypatch):
     for k in ("N", "K", "d", "fusion", "quantizer"):
         assert getattr(tok.config, k) == want.get(k, getattr(tok.config, k)), k
     assert tok.has_codes == (row != "continuous")
+    # and the LLM's stage 1 reads this tokenizer (its N and K, or its features)
+    from kelix.llm.model import KelixLM
+
+    nk = ["--data.init_args.processor.init_args.N", str(tok.config.N), "--data.init_args.processor.init_args.K",
+          str(tok.config.K)]
+    run_lightning_cli(["fit", "--config", os.path.join(REC, "llm_stage1.yaml"), *SMALL, *nk, "--name", f"l_{row}",
+                       "--model.init_args.lm.image_tokenizer", f"tok_{row}", "--model.init_args.export_dir", f"llm_{row}"])
+    lm = KelixLM.from_pretrained(f"llm_{row}")
+    assert (lm.vocab.N, lm.vocab.K) == (tok.config.N, tok.config.K) and lm.continuous == (row == "continuous")
 
 
 @pytest.fixture(scope="module")
