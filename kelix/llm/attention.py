@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 VARLEN = "kelix_varlen"
+HOST_BOUNDS = "kelix_doc_bounds"  # attention kwarg: cu_seqlens as a host list (the step plan's), read by the fallback
 PACKED_ATTENTION = ("auto", "mask", "varlen")
 
 
@@ -37,7 +38,8 @@ def varlen_kernel():
 def doc_bounds(position_ids: torch.Tensor) -> torch.Tensor:
     """``cu_seqlens`` (int32 ``[docs + 1]``) of the rows ``position_ids [B, L]`` flattened into one: a
     document starts at each row's start and wherever a position does not continue the one before
-    (transformers' rule for packed rows). One host sync: the number of documents."""
+    (transformers' rule for packed rows). One host sync on a device: the number of documents (the step
+    plan, :mod:`kelix.llm.plan`, counts them on the host at collate time instead)."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     idx = starts.flatten().nonzero().flatten()
@@ -58,6 +60,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                      cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers attention interface: ``query [1, H, T, d]``, ``key/value [1, Hkv, T, d]`` of one
     flattened row -> ``([1, T, H, d], None)``, causal within each ``cu_seq_lens_q`` document."""
+    bounds = kwargs.pop(HOST_BOUNDS, None)
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -80,7 +83,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                               max_length_q or q.shape[1], max_length_q or q.shape[1], scale=scaling,
                               window_size=(-1, 0), enable_gqa=k.shape[0] != q.shape[0])
         return out[None], None
-    bounds = cu_seq_lens_q.tolist()
+    bounds = cu_seq_lens_q.tolist() if bounds is None else bounds
     parts = [F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True, scale=scaling,
                                             enable_gqa=k.shape[0] != q.shape[0])
              for s, e in zip(bounds[:-1], bounds[1:]) if e > s]

@@ -121,6 +121,8 @@ class BlockPrediction:
         hidden: ``[B, L, D]`` pre-norm hidden states (``return_hidden``).
         logits0: ``[P, visual_offset + K]`` slot-0 logits (``return_logits``; never kept in training).
         code_logits: ``[Pv, N-1, K]`` logits of slots 1..N-1 (``return_logits``).
+        plan: the step plan these targets were selected by (:mod:`kelix.llm.plan`; None: by boolean
+            masks), which the loss reads its counts and index lists from.
     """
 
     nll0: torch.Tensor
@@ -135,3 +137,4 @@ class BlockPrediction:
     hidden: torch.Tensor | None = None
     logits0: torch.Tensor | None = None
     code_logits: torch.Tensor | None = None
+    plan: dict | None = None

@@ -19,7 +19,10 @@ Batch (from :func:`collate_docs`): rows of ``L`` blocks, several documents per r
 * ``image_pixels``: list of ``uint8 [3, H, W]`` to encode (the module normalises them on the device);
   ``image_index``: list of flat indices into ``B*L`` of each image's blocks (raster order);
   ``image_grids [n, 2]``;
-* ``num_tokens`` (real positions, for tokens/s), ``batch_size`` (samples), ``num_docs``.
+* ``num_tokens`` (real positions, for tokens/s), ``batch_size`` (samples), ``num_docs``;
+* ``plan``: the step plan (:func:`~kelix.llm.plan.step_plan`): the indices and counts of the target
+  and visual blocks and the documents, so that the training step never syncs to learn them. A caller
+  that edits ``tokens``, ``targets`` or ``position_ids`` must drop or rebuild it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from kelix.data.images import ImageConfig, resize_image, target_size, to_uint8_t
 from kelix.data.processor import Processor
 from kelix.data.schema import Sample, SampleError
 from kelix.llm.layout import BlockDoc, Layout, drop_prompt, is_t2i
+from kelix.llm.plan import step_plan
 from kelix.llm.vocab import extend_text_tokenizer
 
 GEN_IMAGE = ImageConfig(fixed_size=504, aspect_range=(0.75, 1.33))
@@ -90,7 +94,8 @@ def collate_docs(docs: list[BlockDoc], N: int, pad_id: int = 0, pack: bool = Fal
         position_ids[b, off:] = torch.arange(L - off)  # the padding is a document of its own
     return dict(tokens=tokens, codes=codes, targets=targets, position_ids=position_ids, image_pixels=pixels,
                 image_index=index, image_grids=torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
-                num_tokens=sum(lengths), batch_size=len(docs), num_docs=len(docs))
+                num_tokens=sum(lengths), batch_size=len(docs), num_docs=len(docs),
+                plan=step_plan(tokens, targets, position_ids, grids))
 
 
 class LLMProcessor(Processor):

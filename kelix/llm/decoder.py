@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+MASKLESS_CAUSAL = ("sdpa", "flash_attention_2", "flash_attention_3")
+
 
 class BlockDecoder(nn.Module):
     """A small causal transformer over the slots of the next block.
@@ -62,7 +64,10 @@ class BlockDecoder(nn.Module):
         if T > self.slots:
             raise ValueError(f"block decoder input has {T} positions, more than its {self.slots} slots")
         z = self.proj_in(x) + self.slot_embed.weight[:T]
-        z = self.body(inputs_embeds=z, use_cache=False).last_hidden_state
+        # SDPA and flash are causal without a mask: a prepared mask mapping skips transformers' mask
+        # building, whose packed-sequence check (`.all()` on the positions) is a host sync per call
+        masks = {"full_attention": None} if self.body.config._attn_implementation in MASKLESS_CAUSAL else None
+        z = self.body(inputs_embeds=z, attention_mask=masks, use_cache=False).last_hidden_state
         return x + self.proj_out(z)
 
     def new_cache(self):

@@ -33,9 +33,13 @@ def nbp_loss(pred: BlockPrediction, N: int, block_loss: str = "sum") -> dict[str
     """
     if block_loss not in BLOCK_LOSSES:
         raise ValueError(f"block_loss {block_loss!r} is not one of {', '.join(BLOCK_LOSSES)}")
-    vis = pred.is_visual
+    vis, plan = pred.is_visual, pred.plan
     nll0, nll_c = pred.nll0, pred.nll_codes  # [P], [Pv, N-1]
-    n_text, n_vis = int((~vis).sum()), int(vis.sum())
+    if plan is None:  # boolean masks: the counts are read back from the device
+        n_text, n_vis = int((~vis).sum()), int(vis.sum())
+        text_idx, vis_idx = (~vis).nonzero().flatten(), vis.nonzero().flatten()
+    else:  # the step plan's (kelix.llm.plan): counted on the host, no sync
+        n_text, n_vis, text_idx, vis_idx = plan["n_text"], plan["n_visual"], plan["text"], plan["visual"]
     zero = nll0.sum() * 0.0  # keeps the graph connected when a kind is absent
     if block_loss == "sum":
         total = nll0.sum() + nll_c.sum()
@@ -49,14 +53,16 @@ def nbp_loss(pred: BlockPrediction, N: int, block_loss: str = "sum") -> dict[str
     out = {"loss": loss}
     with torch.no_grad():
         pred0 = pred.hit0
-        out["nll_text"] = nll0[~vis].mean() if n_text else zero.detach()
-        out["acc_text"] = pred0[~vis].float().mean() if n_text else zero.detach()
+        out["nll_text"] = nll0.index_select(0, text_idx).mean() if n_text else zero.detach()
+        out["acc_text"] = pred0.index_select(0, text_idx).float().mean() if n_text else zero.detach()
         if n_vis:
-            codes_nll = torch.cat([nll0[vis][:, None], nll_c], 1)  # [Pv, N]
+            codes_nll = torch.cat([nll0.index_select(0, vis_idx)[:, None], nll_c], 1)  # [Pv, N]
             out["nll_visual"] = codes_nll.mean()
             for j in range(N):
                 out[f"nll_slot{j}"] = codes_nll[:, j].mean()
-            out["acc_visual"] = torch.cat([pred0[vis][:, None], pred.hit_codes.to(pred0.device)], 1).float().mean()
-        out["blocks_text"] = nll0.new_tensor(float(n_text))
-        out["blocks_visual"] = nll0.new_tensor(float(n_vis))
+            hits = torch.cat([pred0.index_select(0, vis_idx)[:, None], pred.hit_codes.to(pred0.device)], 1)
+            out["acc_visual"] = hits.float().mean()
+        # counted on the device (a host number would be copied in, a sync on CUDA)
+        out["blocks_visual"] = vis.sum().to(nll0.dtype)
+        out["blocks_text"] = vis.numel() - out["blocks_visual"]
     return out

@@ -27,11 +27,12 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from kelix.llm.attention import VARLEN, doc_bounds, use_varlen, varlen_kernel
+from kelix.llm.attention import HOST_BOUNDS, VARLEN, doc_bounds, use_varlen, varlen_kernel
 from kelix.llm.config import BlockPrediction, LLMConfig
 from kelix.llm.decoder import BlockDecoder, ParallelHeads
 from kelix.llm.embed import ContinuousProjector, VisualProjector
 from kelix.llm.layout import Layout
+from kelix.llm.plan import scatter_rows, text_only
 from kelix.llm.vocab import Vocab, extend_text_tokenizer
 
 __all__ = ["BlockPrediction", "KelixLM", "LLMConfig"]
@@ -215,34 +216,55 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         return self.backbone.get_input_embeddings()(self.vocab.visual_offset + slot * self.vocab.K + code)
 
     def embed_blocks(self, tokens: torch.Tensor, codes: torch.Tensor,
-                     visual_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                     visual_embeds: torch.Tensor | None = None, plan: dict | None = None) -> torch.Tensor:
         """``tokens [B, L]`` (text id, or -1 for a visual block) and ``codes [B, L, N]`` -> ``[B, L, D]``.
         A continuous model reads ``visual_embeds [Nv, out_dim]`` instead of codes: the tokenizer's features
-        of the visual blocks in row-major order of ``tokens``."""
+        of the visual blocks in row-major order of ``tokens``. ``plan`` (:mod:`kelix.llm.plan`): the
+        visual blocks are gathered by its indices, without a host sync (codes were range-checked by the
+        processor, or come from the tokenizer)."""
         emb = self.backbone.get_input_embeddings()
-        is_vis = tokens < 0
         x = emb(tokens.clamp(min=0))
+        if plan is not None:
+            return self._embed_planned(x, codes, visual_embeds, plan)
+        is_vis = tokens < 0
         if self.continuous and bool(is_vis.any()):
-            n = int(is_vis.sum())
-            if visual_embeds is None or visual_embeds.shape[0] != n:
-                got = None if visual_embeds is None else tuple(visual_embeds.shape)
-                raise ValueError(f"a continuous model needs visual_embeds for its {n} visual blocks, got {got}")
+            self._check_features(visual_embeds, int(is_vis.sum()))
             return x.masked_scatter(is_vis[..., None], self.visual(visual_embeds).to(x.dtype))
         if bool(is_vis.any()):
             vc = codes[is_vis]
             bad = (vc < 0) | (vc >= self.vocab.K)
             if bool(bad.any()):
                 raise ValueError(f"codes outside 0..{self.vocab.K - 1} in visual blocks")
-            if self.visual is None:  # one gather-and-sum, no [Nv, N, D] intermediate
-                blocks = nn.functional.embedding_bag(self.vocab.code_to_id(vc), emb.weight, mode="sum")
-            else:
-                blocks = self.visual.block(vc)
-            x = x.masked_scatter(is_vis[..., None], blocks.to(x.dtype))
+            x = x.masked_scatter(is_vis[..., None], self._code_blocks(vc).to(x.dtype))
         return x
+
+    @staticmethod
+    def _check_features(visual_embeds: torch.Tensor | None, n: int) -> torch.Tensor:
+        if visual_embeds is None or visual_embeds.shape[0] != n:
+            got = None if visual_embeds is None else tuple(visual_embeds.shape)
+            raise ValueError(f"a continuous model needs visual_embeds for its {n} visual blocks, got {got}")
+        return visual_embeds
+
+    def _code_blocks(self, vc: torch.Tensor) -> torch.Tensor:
+        """Block embeddings ``[Nv, D]`` of visual blocks' codes ``[Nv, N]`` (Eq. 4)."""
+        if self.visual is None:  # one gather-and-sum, no [Nv, N, D] intermediate
+            return nn.functional.embedding_bag(self.vocab.code_to_id(vc), self.backbone.get_input_embeddings().weight,
+                                               mode="sum")
+        return self.visual.block(vc)
+
+    def _embed_planned(self, x: torch.Tensor, codes: torch.Tensor, visual_embeds, plan: dict) -> torch.Tensor:
+        n, where = plan["n_visual_blocks"], plan["visual_blocks"]
+        if not n:
+            return x
+        if self.continuous:
+            blocks = self.visual(self._check_features(visual_embeds, n))
+        else:
+            blocks = self._code_blocks(codes.reshape(-1, codes.shape[-1]).index_select(0, where))
+        return x.reshape(-1, x.shape[-1]).index_copy(0, where, blocks.to(x.dtype)).view(x.shape)
 
     # -- backbone (Eq. 5)
     def hidden(self, embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None, cache=None):
+               attention_mask: torch.Tensor | None = None, cache=None, plan: dict | None = None):
         """Backbone on ``inputs_embeds`` -> ``(h [B, L, D] before the final norm, cache)``.
 
         ``cache``: a transformers ``DynamicCache`` to read and extend (generation), else none is
@@ -250,7 +272,8 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         attention mask the documents are isolated: by ``kelix_varlen`` attention over the rows
         flattened into one (``lm.packed_attention``, see :mod:`kelix.llm.attention`), by flash
         attention's own varlen path (rows flattened too: the only packed layout it recognises), or
-        by transformers' block-diagonal mask (SDPA, eager; a BlockMask for flex_attention).
+        by transformers' block-diagonal mask (SDPA, eager; a BlockMask for flex_attention). ``plan``
+        (:mod:`kelix.llm.plan`) gives the varlen documents, counted on the host (no sync).
         """
         from kelix.hf import cache_kwargs, output_cache
 
@@ -259,10 +282,12 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         packed = position_ids is not None and cache is None and attention_mask is None
         extra = {}
         if packed and attn == VARLEN and self._varlen_now(embeds):
-            cu = doc_bounds(position_ids)
+            cu = doc_bounds(position_ids) if plan is None else plan["cu_seqlens"]
             # a prepared mask mapping skips transformers' mask building; a document never spans rows,
             # so L bounds its length without reading the lengths back to the host
             extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=L, max_length_k=L)
+            if plan is not None:  # the eager fallback's per-document loop, without a .tolist()
+                extra[HOST_BOUNDS] = plan["doc_bounds"]
             attention_mask = dict.fromkeys(("full_attention", "sliding_attention"))
         flat = bool(extra) or (attn.startswith("flash") and B > 1 and packed)
         if flat:
@@ -352,11 +377,16 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
 
     def forward(self, tokens: torch.Tensor, codes: torch.Tensor, position_ids: torch.Tensor | None,
                 targets: torch.Tensor, return_hidden: bool = False, return_logits: bool = False,
-                visual_embeds: torch.Tensor | None = None) -> BlockPrediction:
+                visual_embeds: torch.Tensor | None = None, plan: dict | None = None) -> BlockPrediction:
         """Teacher-forced next-block prediction: block i+1 is predicted from h_i where ``targets[:, i+1]``.
-        A continuous model (``visual_embeds``, see :meth:`embed_blocks`) predicts text blocks only."""
-        N, K, vo = self.vocab.N, self.vocab.K, self.vocab.visual_offset
-        h, _ = self.hidden(self.embed_blocks(tokens, codes, visual_embeds), position_ids)
+        A continuous model (``visual_embeds``, see :meth:`embed_blocks`) predicts text blocks only.
+        ``plan``: the batch's step plan (:mod:`kelix.llm.plan`, from ``collate_docs``): the same
+        prediction with every block selected by precomputed indices, no host sync; without one, boolean
+        masks select them."""
+        N, vo = self.vocab.N, self.vocab.visual_offset
+        h, _ = self.hidden(self.embed_blocks(tokens, codes, visual_embeds, plan), position_ids, plan=plan)
+        if plan is not None:
+            return self._predict_planned(h, tokens, codes, plan, return_hidden, return_logits)
         if self.continuous:  # no visual ids to predict: visual targets are dropped
             targets = targets & (tokens >= 0)
         rows, pos = targets[:, 1:].nonzero(as_tuple=True)
@@ -370,24 +400,55 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
         vis_codes = nxt_codes[is_vis]
         vout = hs.new_zeros(0, N, hs.shape[-1])
         if bool(is_vis.any()):
-            x = hs[is_vis][:, None]
-            if N > 1:  # teacher forcing: e(c_0..c_{N-2}) after h
-                j = torch.arange(N - 1, device=hs.device).expand(x.shape[0], -1)
-                x = torch.cat([x, self.code_embed(j, vis_codes[:, : N - 1]).to(x.dtype)], 1)
-            vout = self.decoder(x, kind="visual")
+            vout = self._visual_slots(hs[is_vis], vis_codes)
             out0[is_vis] = vout[:, 0].to(out0.dtype)
+        return self._slot_predictions(out0, vout, labels0, is_vis, vis_codes, (rows, pos),
+                                      h if return_hidden else None, return_logits)
+
+    def _predict_planned(self, h, tokens, codes, plan: dict, return_hidden: bool, return_logits: bool):
+        """:meth:`forward`'s selection by the plan's indices (index_select / index_copy only)."""
+        if self.continuous:
+            plan = text_only(plan)
+        N, vo, D = self.vocab.N, self.vocab.visual_offset, h.shape[-1]
+        rows, pos, text, vis = plan["rows"], plan["pos"], plan["text"], plan["visual"]
+        src = rows * tokens.shape[1] + pos  # flat index of h_i; its target is the next block
+        hs = h.reshape(-1, D).index_select(0, src)
+        nxt, nxt_codes = tokens.reshape(-1).index_select(0, src + 1), codes.reshape(-1, N).index_select(0, src + 1)
+        is_vis = nxt < 0
+        labels0 = torch.where(is_vis, vo + nxt_codes[:, 0].clamp(min=0), nxt)
+        vis_codes = nxt_codes.index_select(0, vis)
+        parts, vout = [], hs.new_zeros(0, N, D)
+        if plan["n_text"]:
+            parts.append((text, self.decoder(hs.index_select(0, text)[:, None], kind="text")[:, 0]))
+        if plan["n_visual"]:
+            vout = self._visual_slots(hs.index_select(0, vis), vis_codes)
+            parts.append((vis, vout[:, 0]))
+        pred = self._slot_predictions(scatter_rows(hs.shape[0], parts, hs), vout, labels0, is_vis, vis_codes,
+                                      (rows, pos), h if return_hidden else None, return_logits)
+        pred.plan = plan
+        return pred
+
+    def _visual_slots(self, hv: torch.Tensor, vis_codes: torch.Tensor) -> torch.Tensor:
+        """Block decoder outputs ``[Pv, N, D]`` of visual targets from their ``h [Pv, D]`` and codes."""
+        N, x = self.vocab.N, hv[:, None]
+        if N > 1:  # teacher forcing: e(c_0..c_{N-2}) after h
+            j = torch.arange(N - 1, device=hv.device).expand(x.shape[0], -1)
+            x = torch.cat([x, self.code_embed(j, vis_codes[:, : N - 1]).to(x.dtype)], 1)
+        return self.decoder(x, kind="visual")
+
+    def _slot_predictions(self, out0, vout, labels0, is_vis, vis_codes, where, hidden, return_logits):
+        N, K = self.vocab.N, self.vocab.K
         nll0, hit0, arg0 = self.slot_nll(out0, 0, labels0)
         per_slot = [self.slot_nll(vout[:, j], j, vis_codes[:, j]) for j in range(1, N)]
         if per_slot:
             nll_c, hit_c = torch.stack([p[0] for p in per_slot], 1), torch.stack([p[1] for p in per_slot], 1)
         else:
             nll_c, hit_c = nll0.new_zeros(vout.shape[0], 0), hit0.new_zeros(vout.shape[0], 0)
-        pred = BlockPrediction(nll0, hit0, arg0, labels0, is_vis, nll_c, hit_c, vis_codes[:, 1:], (rows, pos),
-                               h if return_hidden else None)
+        pred = BlockPrediction(nll0, hit0, arg0, labels0, is_vis, nll_c, hit_c, vis_codes[:, 1:], where, hidden)
         if return_logits:
             pred.logits0 = self.slot_logits(out0, 0)
             pred.code_logits = (torch.stack([self.slot_logits(vout[:, j], j) for j in range(1, N)], 1) if N > 1
-                                else hs.new_zeros(vout.shape[0], 0, K))
+                                else out0.new_zeros(vout.shape[0], 0, K))
         return pred
 
     # -- generation helpers (the KV-cached generator builds on these)

@@ -181,9 +181,10 @@ class UnifiedLLMModule(KelixModule):
         """``(codes, visual_embeds)``: the batch's codes with every pixel image's codes filled in, or for a
         continuous model the placeholder codes and the tokenizer's features of every visual block, in
         row-major order of the batch's blocks (what :meth:`KelixLM.embed_blocks` reads)."""
-        pixels = batch.get("image_pixels") or []
+        pixels, plan = batch.get("image_pixels") or [], batch.get("plan")
         if not pixels:
-            if self.lm.continuous and bool((batch["tokens"] < 0).any()):
+            any_visual = plan["n_visual_blocks"] > 0 if plan is not None else bool((batch["tokens"] < 0).any())
+            if self.lm.continuous and any_visual:
                 raise ValueError("a continuous model reads pixel images: the batch's images are pre-tokenized codes")
             return batch["codes"], None
         tok = self.image_tokenizer.to(self.device)
@@ -198,7 +199,8 @@ class UnifiedLLMModule(KelixModule):
                 q, grids = None, out.grids
             else:
                 q, grids = tok.quantize(pixels)
-        want = [tuple(g) for g in batch["image_grids"].tolist()]
+        # the plan's host copy: the device tensor's .tolist() would sync every step
+        want = plan["image_grids"] if plan is not None else [tuple(g) for g in batch["image_grids"].tolist()]
         if [tuple(g) for g in grids] != want:
             raise ValueError(f"image tokenizer grids {grids[:3]} differ from the processor's {want[:3]}: "
                              f"data.processor.image must match the tokenizer's image config")
@@ -226,7 +228,8 @@ class UnifiedLLMModule(KelixModule):
     # -- training
     def step(self, batch, split):
         codes, feats = self.visual_inputs(batch)
-        pred = self.lm(batch["tokens"], codes, batch["position_ids"], batch["targets"], visual_embeds=feats)
+        pred = self.lm(batch["tokens"], codes, batch["position_ids"], batch["targets"], visual_embeds=feats,
+                       plan=batch.get("plan"))
         out = nbp_loss(pred, self.lm.vocab.N, self.block_loss)
         n = self.sample_every_n_steps
         if n and ((split == "train" and self.global_step % n == 0) or (split == "val" and not self._val_sampled)):
