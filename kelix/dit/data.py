@@ -16,11 +16,19 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from kelix.data.images import ImageConfig, to_tensor
+from kelix.data.images import ImageConfig, normalize, to_uint8_tensor
 from kelix.data.processor import Processor
 from kelix.data.schema import Image, Sample, SampleError
 
 COND_FIELD, LATENT_FIELD = "cond.npy", "latent.npy"
+VAE_RANGE = ImageConfig()  # mean = std = 0.5: pixels in [-1, 1], the VAE's range
+
+
+def vae_pixels(x: torch.Tensor) -> torch.Tensor:
+    """A batch's ``pixels`` -> the VAE's input: ``uint8 [..., 3, H, W]`` (the processor's; move them to the
+    device first) -> float32 in ``[-1, 1]``, the values :func:`~kelix.data.images.to_tensor` gave;
+    float pixels are taken as in ``[-1, 1]`` already."""
+    return normalize(x, VAE_RANGE) if x.dtype == torch.uint8 else x
 
 
 def prompt_and_target(sample: Sample) -> tuple[str, Image | None]:
@@ -63,7 +71,8 @@ class DiTProcessor(Processor):
             pre-tokenized codes (made from the whole image) are used for square sources only, other
             sources give the cropped condition image to the frozen tokenizer (``condition_crop`` skips
             codes-only samples, whose crop cannot be made).
-        target: ``pixels`` (encoded by the frozen VAE on the device) or ``latents`` (``{key}.latent.npy``).
+        target: ``pixels`` (``uint8 [3, H, W]``, normalised to ``[-1, 1]`` by :func:`vae_pixels` and encoded
+            by the frozen VAE on the device) or ``latents`` (``{key}.latent.npy``).
         condition: what the condition provider needs: ``precomputed`` (``{key}.cond.npy`` ``[L, D]``),
             ``llm`` (prompt + the target's codes ``{key}.0.codes.npy`` when present, else the condition
             image), or ``prompt`` (the prompt text only: the smoke-test provider).
@@ -94,7 +103,6 @@ class DiTProcessor(Processor):
         if condition == "llm" and (token_size < 1 or condition_size % token_size):
             raise ValueError(f"DiTProcessor.condition_size {condition_size} is not a multiple of token_size {token_size}")
         self.token_size = token_size
-        self._norm = ImageConfig()  # mean = std = 0.5: pixels in [-1, 1], the VAE's range
 
     def _check_source(self, pixels: PILImage.Image, where: str):
         w, h = pixels.size
@@ -114,7 +122,8 @@ class DiTProcessor(Processor):
                 raise SampleError("not_t2i", f"{where}: no target image pixels (a DiT sample needs one image and a prompt)")
             self._check_source(image.pixels, where)
         if self.target == "pixels":
-            item["pixels"] = to_tensor(square(image.pixels, self.target_size, self.resize), self._norm)
+            # uint8 until the device: a quarter of float32's bytes through the loader and the copy
+            item["pixels"] = to_uint8_tensor(square(image.pixels, self.target_size, self.resize))
         else:
             lat = sample.arrays.get(LATENT_FIELD)
             if lat is None or lat.ndim != 3:

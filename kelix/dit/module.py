@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kelix.dit.conditions import ConditionProvider, PrecomputedConditions
+from kelix.dit.data import vae_pixels
 from kelix.dit.ema import decay_at, ema_update_, reshard
 from kelix.dit.flow import (
     FlowConfig,
@@ -155,7 +156,8 @@ class DiTModule(KelixModule):
             return batch["latents"].float()
         if "pixels" not in batch:
             raise KeyError("the batch has neither 'latents' nor 'pixels' (DiTProcessor.target)")
-        return self.frozen.to(self.device).vae.encode(batch["pixels"])
+        # the processor's uint8 pixels are normalised here, on the device
+        return self.frozen.to(self.device).vae.encode(vae_pixels(batch["pixels"].to(self.device)))
 
     def step(self, batch, split: str) -> dict[str, torch.Tensor]:
         x0 = self.latents_of(batch)

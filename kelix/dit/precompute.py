@@ -71,11 +71,12 @@ def _recorder(url: str, processor):
 def _precompute_shard(url, sink, processor, vae, condition, batch_size: int, device: str) -> list[dict]:
     """Write the samples of input shard ``url`` into ``sink``; return its skipped samples."""
     from kelix.data.writer import make_record
+    from kelix.dit.data import vae_pixels
 
     stream = _recorder(url, processor)
     for items in _batches(stream, batch_size):
         batch = processor.collate(items)
-        latents = vae.encode(batch["pixels"].to(device)).half().cpu().numpy()
+        latents = vae.encode(vae_pixels(batch["pixels"].to(device))).half().cpu().numpy()
         states, mask = condition({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
         states, mask = states.half().cpu(), mask.cpu()
         for i, (key, prompt) in enumerate(zip(batch["keys"], batch["prompts"])):

@@ -10,7 +10,7 @@ from PIL import Image as PILImage
 
 from kelix.data.schema import Image, Part, Sample, SampleError, Turn, parse_sample
 from kelix.data.stream import ShardStream
-from kelix.dit.data import DiTProcessor, prompt_and_target, square
+from kelix.dit.data import DiTProcessor, prompt_and_target, square, vae_pixels
 from tests.conftest import jpeg_bytes, write_shard
 
 
@@ -40,8 +40,9 @@ def test_inverted_caption_and_t2i_samples():
     prompt, image = prompt_and_target(t2i_sample())
     assert prompt == "Draw a red box." and image.name == "0.jpg"
     item = DiTProcessor(target_size=16, condition="prompt")(caption_sample())
-    assert item["prompt"] == "a red box" and item["pixels"].shape == (3, 16, 16)
-    assert torch.allclose(item["pixels"][0], torch.ones(16, 16)) and torch.allclose(item["pixels"][1], -torch.ones(16, 16))
+    assert item["prompt"] == "a red box" and item["pixels"].shape == (3, 16, 16) and item["pixels"].dtype == torch.uint8
+    x = vae_pixels(item["pixels"])
+    assert torch.allclose(x[0], torch.ones(16, 16)) and torch.allclose(x[1], -torch.ones(16, 16))
 
 
 def test_understanding_samples_are_skipped():
@@ -115,7 +116,7 @@ def test_center_crop_crops_the_condition_like_the_target():
                                                            Part("text", text="red")])]))
     assert "codes" not in wide and wide["cond_image"].size == (56, 56)
     assert set(wide["cond_image"].getdata()) == {(255, 0, 0)}  # the crop, as the target
-    assert torch.allclose(wide["pixels"], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 16, 16))
+    assert torch.allclose(vae_pixels(wide["pixels"]), torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 16, 16))
     sq = p(caption_sample(30, 30, codes=codes))
     assert sq["codes"].shape == (2, 2, 3) and "cond_image" not in sq
     squash = DiTProcessor(target_size=16, condition_size=56, condition="llm")  # resize: the codes match
@@ -170,3 +171,27 @@ def test_bad_options_fail_at_construction():
         DiTProcessor(condition="pixels")
     with pytest.raises(ValueError, match="aspect_range"):
         DiTProcessor(aspect_range=(1.5, 0.67))
+
+
+def test_pixels_stay_uint8_until_the_device_and_normalise_to_the_float_path():
+    """The batch carries uint8 (a quarter of float32's bytes through the loader and the copy); normalised on
+    the device they are bit for bit the float path's VAE input (to_tensor with mean = std = 0.5), and the
+    VAE encodes them alike."""
+    from kelix.data.images import ImageConfig, to_tensor
+    from kelix.dit.vae import VAEConfig, load_vae
+
+    rng = np.random.default_rng(0)
+    pics = [PILImage.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((40, 30), (23, 61), (16, 16))]
+    p = DiTProcessor(target_size=16, condition="prompt")
+    items = [p(Sample(f"k{i}", "s.tar", "segments", [Turn(None, [Part("image", image=Image("0.jpg", pic)),
+                                                                 Part("text", text="noise")])]))
+             for i, pic in enumerate(pics)]
+    batch = p.collate(items)
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (3, 3, 16, 16)
+    want = torch.stack([to_tensor(square(pic, 16, "resize"), ImageConfig()) for pic in pics])
+    got = vae_pixels(batch["pixels"])
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert float(want.std()) > 0.3  # noise, not a flat picture
+    assert vae_pixels(want) is want  # float pixels are taken as normalised already
+    vae = load_vae(VAEConfig(seed=0))
+    torch.testing.assert_close(vae.encode(got), vae.encode(want), rtol=0, atol=0)

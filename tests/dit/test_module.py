@@ -12,7 +12,8 @@ from tests.dit.conftest import COND_DIM, TINY_SANA, tiny_config, tiny_module
 
 def fixed_batch(b=4, pixels=False):
     g = torch.Generator().manual_seed(0)
-    target = {"pixels": torch.rand(b, 3, 16, 16, generator=g) * 2 - 1} if pixels else {
+    # pixels as DiTProcessor gives them: uint8, normalised on the device
+    target = {"pixels": torch.randint(0, 256, (b, 3, 16, 16), generator=g, dtype=torch.uint8)} if pixels else {
         "latents": torch.randn(b, 4, 8, 8, generator=g)}
     return {**target, "batch_size": b,
             "prompts": ["a red circle", "a blue square on a gray background", "two green triangles", "x"][:b]}
@@ -32,6 +33,16 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.6 * losses[0], losses
     assert {"latent_std", "cond_len"} <= set(out) and "cond_dropped" not in out
     assert out["cond_len"].item() == pytest.approx(sum(len(p) for p in batch["prompts"]) / 4)
+
+
+def test_uint8_pixels_are_normalised_on_the_device_before_the_vae():
+    m = tiny_module()
+    b = fixed_batch(pixels=True)
+    with torch.no_grad():
+        want = m.frozen.vae.encode(b["pixels"].float() / 127.5 - 1.0)  # [-1, 1], the VAE's range
+        got = m.latents_of(b)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert float(want.std()) > 0.1
 
 
 def test_validation_evaluates_every_bucket_with_fixed_noise():

@@ -5,7 +5,7 @@ import torch
 from kelix.cli import main
 from kelix.data.stream import ShardStream
 from kelix.dit.conditions import PromptBytesConditions
-from kelix.dit.data import DiTProcessor
+from kelix.dit.data import DiTProcessor, vae_pixels
 from kelix.dit.vae import VAEConfig, load_vae
 from tests.dit.conftest import COND_DIM
 
@@ -27,7 +27,7 @@ def test_precomputed_shards_hold_the_vae_latents_and_conditions(synthetic_dir, t
     vae, cond = load_vae(VAEConfig(seed=0)), PromptBytesConditions(COND_DIM, max_length=720)
     for a, b in zip(pre, raw):
         assert a["prompt"] == b["prompt"] and a["cond"].dtype == torch.float16
-        latent = vae.encode(b["pixels"][None])[0]
+        latent = vae.encode(vae_pixels(b["pixels"][None]))[0]
         torch.testing.assert_close(a["latents"], latent, atol=2e-3, rtol=2e-3)  # stored as float16
         states, mask = cond({"prompts": [b["prompt"]]})
         torch.testing.assert_close(a["cond"].float(), states[0][mask[0]], atol=2e-3, rtol=2e-3)
