@@ -46,6 +46,18 @@ def doc_bounds(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, idx.new_tensor([position_ids.numel()])]).to(torch.int32)
 
 
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, L, L]`` bool (True: attend) of packed rows, causal within each document: the mask
+    transformers builds for SDPA from the position ids, built on the device without its host sync (its
+    packed-sequence check reads a bool back)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    doc = starts.cumsum(-1)
+    L = position_ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 def square_sum(position_ids: torch.Tensor) -> torch.Tensor:
     """Sum of squared document lengths of packed rows, on their device (no host sync): a document of
     n positions 0..n-1 gives sum(2p + 1) = n^2 (the padding counts as the document it is)."""

@@ -27,7 +27,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from kelix.llm.attention import HOST_BOUNDS, VARLEN, doc_bounds, use_varlen, varlen_kernel
+from kelix.llm.attention import HOST_BOUNDS, VARLEN, doc_bounds, packed_causal_mask, use_varlen, varlen_kernel
 from kelix.llm.config import BlockPrediction, LLMConfig
 from kelix.llm.decoder import BlockDecoder, ParallelHeads
 from kelix.llm.embed import ContinuousProjector, VisualProjector
@@ -289,6 +289,8 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
             if plan is not None:  # the eager fallback's per-document loop, without a .tolist()
                 extra[HOST_BOUNDS] = plan["doc_bounds"]
             attention_mask = dict.fromkeys(("full_attention", "sliding_attention"))
+        elif packed and plan is not None and attn in ("sdpa", VARLEN) and not self._sliding:
+            attention_mask = {"full_attention": packed_causal_mask(position_ids)}  # transformers' mask, no sync
         flat = bool(extra) or (attn.startswith("flash") and B > 1 and packed)
         if flat:
             embeds, position_ids = embeds.reshape(1, B * L, D), position_ids.reshape(1, B * L)
@@ -305,6 +307,10 @@ class KelixLM(nn.Module, PyTorchModelHubMixin):
             raise RuntimeError(f"{type(self.body).__name__} never called its final norm: h cannot be read")
         h = seen[-1]
         return (h.reshape(B, L, D) if flat else h), output_cache(self.body, out)
+
+    @property
+    def _sliding(self) -> bool:
+        return "sliding_attention" in (getattr(self.backbone.config, "layer_types", None) or [])
 
     def _varlen_now(self, embeds: torch.Tensor) -> bool:
         """``varlen``: always (the eager fallback off CUDA); ``auto``: where the CUDA kernel runs."""

@@ -125,13 +125,16 @@ def test_plan_of_a_text_only_batch_and_the_continuous_selection(backbone_dir, to
     torch.testing.assert_close(nbp_loss(pred, lm.vocab.N)["loss"], nbp_loss(ref, lm.vocab.N)["loss"], rtol=0, atol=0)
 
 
-def test_the_plan_path_never_syncs_and_the_detector_sees_the_fallback_do_it(backbone_dir, tok_dir):
-    mod = _module(backbone_dir, tok_dir, "varlen", "equal_block")
+@pytest.mark.parametrize("packed", ["varlen", "mask"])
+def test_the_plan_path_never_syncs_and_the_detector_sees_the_fallback_do_it(backbone_dir, tok_dir, packed):
+    mod = _module(backbone_dir, tok_dir, packed, "equal_block")
     batch = _batch(mod)
     with SyncDetector() as fallback:
         _step(mod, _no_plan(batch))
-    # the detector works: the boolean-mask path counts targets, selects by masks and reads the documents back
-    assert {"aten.nonzero.default", "aten._local_scalar_dense.default", "Tensor.tolist"} <= set(fallback.seen)
+    # the detector works: the boolean-mask path counts targets, selects by masks and reads the documents
+    # back (varlen: doc_bounds' nonzero and the fallback's .tolist(); mask: transformers' packed check)
+    assert {"aten.nonzero.default", "aten._local_scalar_dense.default"} <= set(fallback.seen)
+    assert ("Tensor.tolist" in fallback.seen) == (packed == "varlen")
     assert any("boolean mask" in s for s in fallback.seen)
     with SyncDetector() as planned:
         out, grads = _step(mod, batch)
