@@ -95,7 +95,8 @@ class VisualProjector(nn.Module):
         slot, code = torch.broadcast_tensors(slot, code)
         v = self.code_vectors[slot, code] * self.scale  # [..., d]
         # v in slot j's block of an otherwise zero [N*d] vector: W1 of it is W1_j v (no sync, no per-row matrix)
-        onehot = nn.functional.one_hot(slot, self.N).to(v.dtype)  # [..., N]
+        # one_hot by comparison: F.one_hot range-checks its input with .item() off CUDA (a sync per step)
+        onehot = (slot[..., None] == torch.arange(self.N, device=slot.device)).to(v.dtype)  # [..., N]
         x = nn.functional.linear((onehot[..., None] * v[..., None, :]).flatten(-2), self.tok_up.weight)
         return nn.functional.linear(x, self.up_projector.weight) + self._bias()
 

@@ -49,10 +49,10 @@ class SyncDetector(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def _module(backbone_dir, tok_dir, packed, block_loss="sum", seed=3):
+def _module(backbone_dir, tok_dir, packed, block_loss="sum", seed=3, visual_input="table"):
     torch.manual_seed(seed)
     cfg = LLMConfig(backbone=backbone_dir, text_tokenizer="builtin:bytes", image_tokenizer=tok_dir,
-                    visual_input="table", packed_attention=packed, loss_chunk=16, **DECODER)
+                    visual_input=visual_input, packed_attention=packed, loss_chunk=16, **DECODER)
     mod = UnifiedLLMModule(cfg, block_loss=block_loss).train()
     stand_in_training(mod.lm, seed)
     return mod
@@ -76,10 +76,10 @@ def _no_plan(batch):
     return {k: v for k, v in batch.items() if k != "plan"}
 
 
-@pytest.mark.parametrize("packed", ["mask", "varlen"])
+@pytest.mark.parametrize("packed,visual_input", [("mask", "table"), ("varlen", "table"), ("varlen", "projector")])
 @pytest.mark.parametrize("block_loss", ["sum", "equal_block"])
-def test_plan_path_equals_the_boolean_mask_path(backbone_dir, tok_dir, packed, block_loss):
-    mod = _module(backbone_dir, tok_dir, packed, block_loss)
+def test_plan_path_equals_the_boolean_mask_path(backbone_dir, tok_dir, packed, visual_input, block_loss):
+    mod = _module(backbone_dir, tok_dir, packed, block_loss, visual_input=visual_input)
     batch = _batch(mod)
     plan = batch["plan"]
     assert plan["n_text"] > 0 and plan["n_visual"] > 0 and mod.lm.vocab.N > 1
@@ -125,9 +125,10 @@ def test_plan_of_a_text_only_batch_and_the_continuous_selection(backbone_dir, to
     torch.testing.assert_close(nbp_loss(pred, lm.vocab.N)["loss"], nbp_loss(ref, lm.vocab.N)["loss"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("packed", ["varlen", "mask"])
-def test_the_plan_path_never_syncs_and_the_detector_sees_the_fallback_do_it(backbone_dir, tok_dir, packed):
-    mod = _module(backbone_dir, tok_dir, packed, "equal_block")
+@pytest.mark.parametrize("packed,visual_input", [("varlen", "table"), ("mask", "table"), ("varlen", "projector")])
+def test_the_plan_path_never_syncs_and_the_detector_sees_the_fallback_do_it(backbone_dir, tok_dir, packed,
+                                                                             visual_input):
+    mod = _module(backbone_dir, tok_dir, packed, "equal_block", visual_input=visual_input)
     batch = _batch(mod)
     with SyncDetector() as fallback:
         _step(mod, _no_plan(batch))
