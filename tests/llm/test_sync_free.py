@@ -49,9 +49,9 @@ class SyncDetector(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def _module(backbone_dir, tok_dir, packed, block_loss="sum", seed=3, visual_input="table"):
+def _module(backbone_dir, tok_dir, packed, block_loss="sum", seed=3, visual_input="table", predictor="block_decoder"):
     torch.manual_seed(seed)
-    cfg = LLMConfig(backbone=backbone_dir, text_tokenizer="builtin:bytes", image_tokenizer=tok_dir,
+    cfg = LLMConfig(backbone=backbone_dir, text_tokenizer="builtin:bytes", image_tokenizer=tok_dir, predictor=predictor,
                     visual_input=visual_input, packed_attention=packed, loss_chunk=16, **DECODER)
     mod = UnifiedLLMModule(cfg, block_loss=block_loss).train()
     stand_in_training(mod.lm, seed)
@@ -125,10 +125,13 @@ def test_plan_of_a_text_only_batch_and_the_continuous_selection(backbone_dir, to
     torch.testing.assert_close(nbp_loss(pred, lm.vocab.N)["loss"], nbp_loss(ref, lm.vocab.N)["loss"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("packed,visual_input", [("varlen", "table"), ("mask", "table"), ("varlen", "projector")])
+@pytest.mark.parametrize("packed,visual_input,predictor", [("varlen", "table", "block_decoder"),
+                                                          ("mask", "table", "block_decoder"),
+                                                          ("varlen", "projector", "block_decoder"),
+                                                          ("varlen", "table", "parallel")])
 def test_the_plan_path_never_syncs_and_the_detector_sees_the_fallback_do_it(backbone_dir, tok_dir, packed,
-                                                                             visual_input):
-    mod = _module(backbone_dir, tok_dir, packed, "equal_block", visual_input=visual_input)
+                                                                             visual_input, predictor):
+    mod = _module(backbone_dir, tok_dir, packed, "equal_block", visual_input=visual_input, predictor=predictor)
     batch = _batch(mod)
     with SyncDetector() as fallback:
         _step(mod, _no_plan(batch))
