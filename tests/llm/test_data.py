@@ -220,7 +220,7 @@ def test_the_dropped_prompt_is_the_unconditional_prompt_of_generation_cfg(lm_tab
     proc = processor(completion_only=True, prompt_dropout=1.0)
     seen = []
     real = lm_table.embed_blocks
-    monkeypatch.setattr(lm_table, "embed_blocks", lambda t, c: seen.append(t.clone()) or real(t, c))
+    monkeypatch.setattr(lm_table, "embed_blocks", lambda t, c, *a, **k: seen.append(t.clone()) or real(t, c, *a, **k))
     prompt = "Generate an image of cube 7."
     generate_image(lm_table, [prompt], grid=(1, 1), sampling=Sampling(cfg_scale=3.0))
     cond_row, uncond_row = seen[0].tolist()  # the prefill: one conditional and one unconditional row
