@@ -32,6 +32,7 @@ NUMBERS = ("zero", "one", "two", "three", "four")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 IMAGE_SIZE = (140, 168)  # (min, max) side: a shape in a scene of three spans about 2x2 merged 28 px patches
 OCR_CELL, OCR_FONT = 28, 18  # the token grid OCR text is typeset on, and its glyph size in pixels
+OCR_ROWS = 1  # OCR images are one line of cells: the tiny LLM reads left to right instead of searching a page
 T2I_ASPECT = 1.25  # t2i pictures: long side / short side at most (LLM gen_image keeps 0.75 to 1.33)
 
 
@@ -97,11 +98,12 @@ def render_text(text: str, width: int, height: int, rng: random.Random) -> Image
     boundary, glyphs of :data:`OCR_FONT` px sit inside one row of cells, so a word gives the same cells
     wherever it stands (the tiny quickstart tokenizer's coarse codes can then tell words apart). The
     image sides are multiples of the cell, so resizing to the pixel budget keeps the grid."""
-    bg = rng.choice([(250, 250, 250), (235, 235, 220), (255, 245, 230)])
+    # random light paper and dark ink: a one-line image is never repeated, so held-out images stay unseen
+    bg = tuple(rng.randint(225, 255) for _ in range(3))
     img = Image.new("RGB", (width, height), bg)
     font = ImageFont.load_default(size=OCR_FONT)
     draw = ImageDraw.Draw(img)
-    ink = rng.choice([(0, 0, 0), (30, 30, 120), (120, 20, 20)])
+    ink = tuple(rng.randint(0, 110) for _ in range(3))
     words = text.split(" ")
     cells = [-(-int(draw.textlength(w, font=font)) // OCR_CELL) for w in words]
     free = max(0, width // OCR_CELL - sum(cells) - (len(words) - 1))
@@ -142,23 +144,43 @@ def _vqa(scene: Scene, rng: random.Random) -> tuple[str, str]:
     if kind == "count":
         return "How many shapes are in the image?", NUMBERS[len(scene.shapes)]
     color, shape = rng.choice(scene.shapes)
-    if kind == "color":
+    if kind == "color" or _shared(scene, color):  # two red objects: "which shape is red?" has no one answer
         return f"What color is the {shape}?", color
     return f"Which shape is {color}?", shape
 
 
-def make_sample(task: str, rng: random.Random, size: tuple[int, int]) -> tuple[dict, list[Image.Image]]:
-    """One sample of ``task``: its JSON and the images it names (``0.jpg``, ``1.jpg``...)."""
+def _shared(scene: Scene, color: str) -> bool:
+    return sum(c == color for c, _ in scene.shapes) > 1
+
+
+def _vqa_all(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """Every question the scene answers (its count, each object's colour and shape), in random order: one
+    image then feeds 3 to 7 supervised answers instead of 1 (the tiny LLM's signal is the answers)."""
+    qa = [("How many shapes are in the image?", NUMBERS[len(scene.shapes)])]
+    for color, shape in scene.shapes:
+        qa.append((f"What color is the {shape}?", color))
+        if not _shared(scene, color):
+            qa.append((f"Which shape is {color}?", shape))
+    rng.shuffle(qa)
+    return qa
+
+
+def make_sample(task: str, rng: random.Random, size: tuple[int, int], turns: str = "all") -> tuple[dict, list[Image.Image]]:
+    """One sample of ``task``: its JSON and the images it names (``0.jpg``, ``1.jpg``...). A ``vqa`` sample
+    asks every question its scene answers (``turns="all"``, training) or one drawn at random (``"one"``: the
+    held-out benchmark's items)."""
     w, h = rng.randint(*size), rng.randint(*size)
     img = lambda i: {"type": "image", "image": f"{i}.jpg"}  # noqa: E731
     if task == "ocr":
         text = " ".join(rng.sample(WORDS, rng.randint(1, 2)))
         msgs = [{"role": "user", "content": [img(0), {"type": "text", "text": "What text is in the image?"}]},
                 {"role": "assistant", "content": text}]
-        w, h = (OCR_CELL * (max(w, h) // OCR_CELL), OCR_CELL * (min(w, h) // OCR_CELL))
+        w, h = OCR_CELL * (max(w, h) // OCR_CELL), OCR_CELL * OCR_ROWS
         return {"task": "ocr", "messages": msgs}, [render_text(text, w, h, rng)]
-    if task == "dense":  # dense rendered digits: several characters per merged patch (kelix.data.synthetic_dense)
-        return __import__("kelix.data.synthetic_dense", fromlist=["dense_sample"]).dense_sample(rng, size)
+    if task == "dense":  # dense rendered digits (that module imports this one: imported here, not at the top)
+        from kelix.data.synthetic_dense import dense_sample
+
+        return dense_sample(rng, size)
     if task == "t2i":
         color, count, shape, background = random_t2i(rng)
         side = max(w, h)
@@ -172,8 +194,11 @@ def make_sample(task: str, rng: random.Random, size: tuple[int, int]) -> tuple[d
     if task == "caption":
         return {"task": "caption", "segments": [img(0), {"type": "text", "text": scene.caption()}]}, [picture]
     if task == "vqa":
-        q, a = _vqa(scene, rng)
-        msgs = [{"role": "user", "content": [img(0), {"type": "text", "text": q}]}, {"role": "assistant", "content": a}]
+        qa = [_vqa(scene, rng)] if turns == "one" else _vqa_all(scene, rng)
+        msgs = []
+        for i, (q, a) in enumerate(qa):  # the image comes with the first question only
+            msgs += [{"role": "user", "content": [img(0), {"type": "text", "text": q}] if i == 0 else q},
+                     {"role": "assistant", "content": a}]
         return {"task": "vqa", "messages": msgs}, [picture]
     if task == "interleaved":
         other = random_scene(rng)

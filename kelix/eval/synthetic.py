@@ -37,7 +37,7 @@ def _rows(task: str, n: int, seed: int, size: tuple[int, int]):
             text = t2i_text(color, count, shape)
             yield {"id": i, "prompt": text, "color": color, "count": count, "shape": shape}, picture
             continue
-        meta, images = make_sample(task, rng, size)
+        meta, images = make_sample(task, rng, size, turns="one")
         user, assistant = meta["messages"]
         question = next(p["text"] for p in user["content"] if p["type"] == "text")
         category = "ocr" if task == "ocr" else "count" if question.startswith("How many") else \

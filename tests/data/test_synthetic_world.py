@@ -14,6 +14,7 @@ from kelix.data.synthetic import (
     BACKGROUNDS,
     IMAGE_SIZE,
     OCR_CELL,
+    OCR_ROWS,
     TASKS,
     Scene,
     SyntheticData,
@@ -104,6 +105,57 @@ def test_ocr_words_start_on_the_token_grid():
         rows = np.nonzero((a < a[0, 0] - 60).any(1))[0]
         assert rows[0] // OCR_CELL == rows[-1] // OCR_CELL  # glyphs inside one row of cells
         assert 1 <= len(words) <= 2
+
+
+def test_ocr_images_are_one_line_of_cells():
+    rng = random.Random(2)
+    sizes = {make_sample("ocr", rng, IMAGE_SIZE)[1][0].size for _ in range(30)}
+    assert {h for _, h in sizes} == {OCR_CELL * OCR_ROWS} and OCR_ROWS == 1
+    assert {w // OCR_CELL for w, _ in sizes} == {5, 6}  # IMAGE_SIZE's 140-168 px, whole cells
+
+
+def _qa(meta: dict) -> list[tuple[str, str]]:
+    msgs = meta["messages"]
+    q = [m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"] for m in msgs[0::2]]
+    return list(zip(q, [m["content"] for m in msgs[1::2]]))
+
+
+def test_a_training_vqa_sample_asks_everything_its_scene_answers_and_nothing_ambiguous():
+    from kelix.data.synthetic import _vqa_all
+
+    scene = Scene("white", [("red", "circle"), ("blue", "square"), ("red", "triangle")])
+    qa = _vqa_all(scene, random.Random(0))
+    assert sorted(qa) == sorted([("How many shapes are in the image?", "three"),
+                                 ("What color is the circle?", "red"), ("What color is the square?", "blue"),
+                                 ("What color is the triangle?", "red"), ("Which shape is blue?", "square")])
+    rng = random.Random(3)
+    for _ in range(40):
+        meta, (img,) = make_sample("vqa", rng, IMAGE_SIZE)
+        roles = [m["role"] for m in meta["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and 3 <= len(roles) // 2 <= 7
+        first, *later = meta["messages"][0::2]
+        assert first["content"][0] == {"type": "image", "image": "0.jpg"}  # the image comes once, first
+        assert all(isinstance(m["content"], str) for m in later)
+        assert _qa(meta)[0][0] and len(set(_qa(meta))) == len(_qa(meta))
+
+
+def test_a_benchmark_vqa_item_asks_one_question_with_one_answer():
+    from kelix.data.synthetic import SHAPES, _vqa
+
+    rng = random.Random(4)
+    kinds = set()
+    for _ in range(300):
+        meta, _ = make_sample("vqa", rng, IMAGE_SIZE, turns="one")
+        assert len(meta["messages"]) == 2
+        (q, a), = _qa(meta)
+        kinds.add(q.split()[0])
+        if q.startswith("Which shape is"):
+            assert a in SHAPES
+    assert kinds == {"How", "What", "Which"}
+    # two objects of one colour never get "which shape is <that colour>?" (it would have two answers)
+    scene = Scene("gray", [("green", "circle"), ("green", "square")])
+    asked = {_vqa(scene, random.Random(i))[0] for i in range(50)}
+    assert "Which shape is green?" not in asked and "What color is the square?" in asked
 
 
 def _processor(recipe: str, tmp: str):

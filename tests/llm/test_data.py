@@ -10,6 +10,7 @@ import torch
 from kelix.data.images import ImageConfig
 from kelix.data.schema import SampleError
 from kelix.data.stream import ShardStream
+from kelix.data.synthetic import TASKS
 from kelix.llm.data import LLMProcessor, _first_fit, collate_docs
 from tests.conftest import jpeg_bytes, write_shard
 
@@ -32,7 +33,7 @@ def test_every_synthetic_task_is_laid_out(synthetic_dir):
     stream = ShardStream(sorted(str(p) for p in synthetic_dir.glob("*.tar")), processor=proc, shuffle_buffer=1,
                          repeat=False)
     docs = list(stream)
-    assert len(docs) == 6 * 2 * 8 and not any(k.startswith("skipped") for k in stream.stats)
+    assert len(docs) == len(TASKS) * 2 * 8 and not any(k.startswith("skipped") for k in stream.stats)
     for d in docs:
         assert not d.targets[0] and any(d.targets)
         for img in d.images:
