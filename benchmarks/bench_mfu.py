@@ -7,6 +7,10 @@ causal attention within each document, the block decoder's slots), the count MFU
 (PyTorch's FlopCounterMode) of the same step, which counts attention however the kernel is seen (SDPA
 per document as a full square, the CUDA varlen kernel not at all) and the recomputed loss chunks twice. ``packed_attention`` compares the
 varlen path with transformers' dense block-diagonal mask (``mask_step_s``) unless ``--no-compare``.
+
+Each step passes the batch's step plan (:mod:`kelix.llm.plan`, built on the host as ``collate_docs``
+does, then moved to the device as Lightning moves a batch), so it is training's sync-free step;
+``--no-plan`` times the boolean-mask fallback instead. ``step_plan`` says which one the forward took.
 """
 
 from __future__ import annotations
@@ -19,10 +23,22 @@ from benchmarks.bench_llm import QWEN3
 from benchmarks.common import report, time_train_step
 
 
-def packed_rows(vocab, rows: int, length: int, visual_frac: float, device, min_doc: int = 64, seed: int = 0):
+def on_device(tokens, codes, position_ids, targets, device, plan: bool = True):
+    """The model's inputs ``[tokens, codes, position_ids, targets]`` on ``device`` and the step plan of
+    these host tensors (:func:`~kelix.llm.plan.step_plan`, on ``device`` too; None with ``plan=False``)."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from kelix.llm.plan import step_plan
+
+    p = step_plan(tokens, targets, position_ids) if plan else None
+    return [t.to(device) for t in (tokens, codes, position_ids, targets)], move_data_to_device(p, device)
+
+
+def packed_rows(vocab, rows: int, length: int, visual_frac: float, device, min_doc: int = 64, seed: int = 0,
+                plan: bool = True):
     """Rows of ``length`` blocks, each filled with documents of random lengths (``min_doc`` up to
     half a row; the last one fills the row), position ids restarting per document, a share of blocks
-    visual. Returns the model's inputs and the document lengths."""
+    visual. Returns the model's inputs, their step plan (see :func:`on_device`) and the document lengths."""
     g = torch.Generator().manual_seed(seed)
     pos = torch.zeros(rows, length, dtype=torch.long)
     docs = []
@@ -39,7 +55,7 @@ def packed_rows(vocab, rows: int, length: int, visual_frac: float, device, min_d
     codes = torch.randint(0, vocab.K, (rows, length, vocab.N), generator=g)
     codes[~is_vis] = -1
     targets = pos > 0
-    return [t.to(device) for t in (tokens, codes, pos, targets)], docs
+    return *on_device(tokens, codes, pos, targets, device, plan), docs
 
 
 def main(argv=None):
@@ -60,6 +76,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each backbone layer (lm.compile_layers)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--no-compare", action="store_true", help="skip the dense-mask step")
+    p.add_argument("--no-plan", action="store_true", help="no step plan: the boolean-mask selection (host syncs)")
     p.add_argument("--repeat", type=int, help="timed steps (median; default 5 on a GPU, 2 on CPU)")
     a = p.parse_args(argv)
     gpu = cuda or a.gpu
@@ -82,12 +99,15 @@ def main(argv=None):
         return lm
 
     lm = build(a.packed_attention, a.compile)
-    batch, docs = packed_rows(lm.vocab, rows, length, a.visual_frac, device)
+    batch, plan, docs = packed_rows(lm.vocab, rows, length, a.visual_frac, device, plan=not a.no_plan)
+    planned = set()  # whether each forward took the plan path
 
     def loss_of(model):
         def f():
             with torch.autocast(device, dtype=dtype, enabled=cuda):
-                return nbp_loss(model(*batch), model.vocab.N)["loss"]
+                pred = model(*batch, plan=plan)
+                planned.add(pred.plan is not None)
+                return nbp_loss(pred, model.vocab.N)["loss"]
         return f
 
     opt = torch.optim.AdamW([q for q in lm.parameters() if q.requires_grad], lr=1e-5, fused=cuda)
@@ -96,7 +116,7 @@ def main(argv=None):
     flops = lm.train_flops(rows, length, sum(n * n for n in docs), int((batch[0] < 0).sum()))
     res = {"shape": "qwen3-1.7b" if gpu else "tiny", "rows": rows, "blocks_per_row": length, "documents": len(docs),
            "N": lm.vocab.N, "K": lm.vocab.K, "dtype": str(dtype).removeprefix("torch."), "device": device,
-           "packed_attention": a.packed_attention, "compile_layers": a.compile,
+           "packed_attention": a.packed_attention, "step_plan": None, "compile_layers": a.compile,
            "activation_checkpointing": a.activation_checkpointing,
            "params_m": round(sum(q.numel() for q in lm.parameters()) / 1e6, 1), "train_step_s": round(t, 4),
            "tokens_per_s": round(blocks / t, 1), "flops_model": float(flops)}
@@ -116,6 +136,7 @@ def main(argv=None):
         res["mask_over_varlen"] = round(res["mask_step_s"] / t, 3)
         if cuda:
             res["mask_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    res["step_plan"] = planned == {True}  # every step measured above
     return report("mfu", **res)
 
 

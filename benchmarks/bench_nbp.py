@@ -8,6 +8,9 @@ beside its weights and gradients); on CPU both are scaled to a width-256 backbon
 decoder. ``flops_*`` are the same ratios in model FLOPs (what the times would be at equal efficiency). Steps run in turns, after one warm-up each; the peak
 memory of each is above the weights resident before it. ``nbp_over_single`` = a/b (goal <= 1.10), ``flat_over_nbp`` = c/a (goal >= 6 at 1,024 patches
 per image).
+
+The NBP steps pass the batch's step plan (:mod:`kelix.llm.plan`, as training does: no host syncs;
+``--no-plan``: the boolean-mask fallback); ``step_plan`` says which one their forward took.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from benchmarks.bench_llm import QWEN3
+from benchmarks.bench_mfu import on_device
 from benchmarks.common import report, timeit
 
 CPU_BACKBONE = dict(model_type="qwen3", vocab_size=320, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
@@ -25,9 +29,10 @@ CPU_BACKBONE = dict(model_type="qwen3", vocab_size=320, hidden_size=256, interme
                     rope_theta=1e6, tie_word_embeddings=False)
 
 
-def image_batch(vocab, images: int, patches: int, text: int, device):
+def image_batch(vocab, images: int, patches: int, text: int, device, plan: bool = True):
     """One row: ``text`` text blocks then ``images`` images of ``patches`` visual blocks each (codes of
-    every slot drawn at random); every block but the first is a target."""
+    every slot drawn at random); every block but the first is a target. Returns the model's inputs and
+    their step plan (:func:`~benchmarks.bench_mfu.on_device`)."""
     g = torch.Generator().manual_seed(0)
     L = text + images * patches
     tokens = torch.full((1, L), -1)
@@ -36,7 +41,7 @@ def image_batch(vocab, images: int, patches: int, text: int, device):
     codes[0, :text] = -1
     targets = torch.ones(1, L, dtype=torch.bool)
     targets[0, 0] = False
-    return [t.to(device) for t in (tokens, codes, torch.arange(L)[None], targets)]
+    return on_device(tokens, codes, torch.arange(L)[None], targets, device, plan)
 
 
 def flat_ids(lm, tokens, codes):
@@ -86,6 +91,7 @@ def main(argv=None):
     p.add_argument("--text", type=int, default=32, help="text blocks before the images")
     p.add_argument("--N", type=int, default=8)
     p.add_argument("--repeat", type=int, help="timed steps of each (median, in turns; default 5)")
+    p.add_argument("--no-plan", action="store_true", help="no step plan: the boolean-mask selection (host syncs)")
     a = p.parse_args(argv)
     gpu = cuda or a.gpu
     device = "cuda" if cuda else "cpu"
@@ -98,6 +104,12 @@ def main(argv=None):
            "decoder_width": decoder.get("decoder_width", 512), "images": a.images, "patches_per_image": patches,
            "text_blocks": a.text, "N": a.N, "K": K, "device": device, "dtype": str(dtype).removeprefix("torch.")}
     repeat = a.repeat or 5
+    planned = set()  # whether each NBP forward took the plan path
+
+    def nbp_step_loss(lm, batch, plan):
+        pred = lm(*batch, plan=plan)
+        planned.add(pred.plan is not None)
+        return nbp_loss(pred, lm.vocab.N)["loss"]
 
     def step_fn(lm, loss_fn):
         params = [q for q in lm.parameters() if q.requires_grad]
@@ -130,11 +142,11 @@ def main(argv=None):
     def build(name, N):
         torch.manual_seed(0)
         lm = KelixLM(LLMConfig(backbone_config=backbone, text_tokenizer="builtin:bytes", N=N, K=K, **decoder)).to(device)
-        batch = image_batch(lm.vocab, a.images, patches, a.text, device)
+        batch, plan = image_batch(lm.vocab, a.images, patches, a.text, device, plan=not a.no_plan)
         L = batch[0].shape[1]
         res[f"{name}_sequence"] = L
         res[f"{name}_flops"] = float(lm.train_flops(1, L, visual_blocks=int((batch[0] < 0).sum())))
-        steps = {name: step_fn(lm, lambda: nbp_loss(lm(*batch), lm.vocab.N)["loss"])}
+        steps = {name: step_fn(lm, lambda: nbp_step_loss(lm, batch, plan))}
         if name == "nbp":  # (c) on the same backbone, vocabulary and codes as (a)
             ids = flat_ids(lm, batch[0], batch[1])
             res["flat_sequence"] = ids.shape[1]
@@ -147,6 +159,7 @@ def main(argv=None):
         measure(build("single", 1))
     else:
         measure(build("nbp", a.N) | build("single", 1))
+    res["step_plan"] = planned == {True}
     res["nbp_over_single"] = round(res["nbp_step_s"] / res["single_step_s"], 3)
     res["flat_over_nbp"] = round(res["flat_step_s"] / res["nbp_step_s"], 3)
     res["flops_nbp_over_single"] = round(res["nbp_flops"] / res["single_flops"], 3)

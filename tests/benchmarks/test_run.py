@@ -8,9 +8,9 @@ from benchmarks.run import main
 
 FIELDS = {  # each benchmark's headline fields (benchmarks/README.md's table)
     "nbp": {"nbp_over_single", "flat_over_nbp", "flops_nbp_over_single", "flops_flat_over_nbp", "nbp_peak_memory_gib", "single_peak_memory_gib",
-            "flat_peak_memory_gib", "patches_per_image", "nbp_sequence", "flat_sequence", "device"},
+            "flat_peak_memory_gib", "patches_per_image", "nbp_sequence", "flat_sequence", "device", "step_plan"},
     "mfu": {"tokens_per_s", "mfu", "flops_model", "flops_measured", "blocks_per_row", "packed_attention",
-            "mask_over_varlen", "device"},
+            "mask_over_varlen", "device", "step_plan"},
     "pq_encode": {"ours_over_faiss", "ours_over_gemm", "codes_equal"},
     "generate": {"fast_over_eager", "fast_over_eager_cpu", "codes_equal"},
     "data_stream": {"loader_samples_per_s", "step_samples_per_s", "loader_over_step"},
@@ -30,6 +30,7 @@ def test_every_benchmark_prints_json_with_its_fields(capsys):
     nbp, mfu = by_name["nbp"], by_name["mfu"]
     assert nbp["flat_sequence"] > nbp["nbp_sequence"] == nbp["single_sequence"]
     assert mfu["device"] == "cpu" and mfu["mfu"] is None and mfu["documents"] > mfu["rows"]
+    assert mfu["step_plan"] is True and nbp["step_plan"] is True  # training's sync-free step is what is timed
 
 
 def test_the_gpu_script_is_valid_bash_and_refuses_a_machine_without_cuda(tmp_path):
