@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import os
 import shlex
 import sys
@@ -112,7 +113,8 @@ def plan(suite: str, seeds: int, out: str, recipes: str = RECIPES, rows: list[st
     bad = [r for r in rows or [] if r not in names]
     if bad:
         raise SystemExit(f"kelix ablate: --rows {','.join(bad)} not in the {suite} suite ({', '.join(names)})")
-    root = os.path.join("runs", "ablations", suite)
+    root = os.path.join("runs", "ablations", suite, config_hash(recipes, max_steps, overrides))
+    tb = os.path.relpath(root, "runs")  # TensorBoard run names: runs/<tb>/<stage>/version_N, beside the exports
     runs, seen = [], {}
 
     def stage(kind, sid, argv, export):
@@ -133,12 +135,12 @@ def plan(suite: str, seeds: int, out: str, recipes: str = RECIPES, rows: list[st
             run.stages.append(stage("codebook", f"codebook_{row}", argv, cb))
             extra = ["--model.init_args.tokenizer.codebook", cb]
         t1 = f"{row}_s{seed}_tok1"
-        argv, _ = _fit(f"ablations/{suite}/{t1}", seed, recipes, BASE["tok1"] + [overlay], root, t1, extra,
+        argv, _ = _fit(f"{tb}/{t1}", seed, recipes, BASE["tok1"] + [overlay], root, t1, extra,
                        max_steps, overrides)
         run.stages.append(stage("tok1", t1, argv, os.path.join(root, t1, "export")))
         t3 = f"{row}_s{seed}_tok3"
         ckpt = os.path.join(root, t1, "checkpoints", "last.ckpt")
-        argv, export = _fit(f"ablations/{suite}/{t3}", seed, recipes, BASE["tok3"] + [overlay], root, t3,
+        argv, export = _fit(f"{tb}/{t3}", seed, recipes, BASE["tok3"] + [overlay], root, t3,
                             extra + ["--model.init_args.init_from", ckpt], max_steps, overrides)
         run.stages.append(stage("tok3", t3, argv, export))
         run.tokenizer = export
@@ -157,18 +159,33 @@ def plan(suite: str, seeds: int, out: str, recipes: str = RECIPES, rows: list[st
                   "--data.init_args.processor.init_args.K", str(tok.get("K", 64))]
             l1 = f"{s1}_s{seed}_llm1"
             over1 = [LLM_ROWS[s1][0]] if suite == "llm" and LLM_ROWS[s1][1] == "llm1" else []
-            argv, e1 = _fit(f"ablations/{suite}/{l1}", seed, recipes, BASE["llm1"] + over1, root, l1,
+            argv, e1 = _fit(f"{tb}/{l1}", seed, recipes, BASE["llm1"] + over1, root, l1,
                             ["--model.init_args.lm.image_tokenizer", run.tokenizer, *nk], max_steps, overrides)
             run.stages.append(stage("llm1", l1, argv, e1))
             l3 = f"{row}_s{seed}_llm3"
             over3 = [overlay] if where == "llm3" else []
-            argv, e3 = _fit(f"ablations/{suite}/{l3}", seed, recipes, BASE["llm3"] + over3, root, l3,
+            argv, e3 = _fit(f"{tb}/{l3}", seed, recipes, BASE["llm3"] + over3, root, l3,
                             ["--model.init_args.init_from", e1, "--model.init_args.image_tokenizer", run.tokenizer,
                              "--data.init_args.processor.init_args.text_tokenizer", e1, *nk], max_steps, overrides)
             run.stages.append(stage("llm3", l3, argv, e3))
-            run.llm, run.llm_run = e3, f"ablations/{suite}/{l3}"
+            run.llm, run.llm_run = e3, f"{tb}/{l3}"
             runs.append(run)
     return runs
+
+
+def config_hash(recipes: str, max_steps: int | None, overrides: list[str]) -> str:
+    """8 hex digits of everything a stage's result depends on besides its row and seed: the recipes' text,
+    ``--max-steps`` and the fit options. Stages live under ``runs/ablations/<suite>/<hash>/``, so a finished
+    stage is reused only by a plan that would train it the same way (a --max-steps 2 smoke run, or an
+    edited recipe, never hands its exports to a full run)."""
+    import hashlib
+
+    h = hashlib.sha1(repr((max_steps, list(overrides))).encode())
+    for path in sorted(glob.glob(os.path.join(recipes, "**", "*.yaml"), recursive=True)):
+        h.update(os.path.relpath(path, recipes).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:8]
 
 
 def find_recipes(explicit: str | None = None) -> str:

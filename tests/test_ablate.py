@@ -66,7 +66,7 @@ def test_dry_run_lists_every_run(suite, capsys):
         assert sum(ln.startswith("kelix_tok seed") for ln in out.splitlines()) == 2
     else:
         exp2 = next(ln for ln in out.splitlines() if "exp2_s1_llm3: kelix fit" in ln)
-        assert "exp2_random_table.yaml" in exp2 and "--model.init_args.init_from runs/ablations/llm/exp1_s1_llm1/export" in exp2
+        assert "exp2_random_table.yaml" in exp2 and "/exp1_s1_llm1/export --model" in exp2
         exp3 = next(ln for ln in out.splitlines() if "exp3_s0_llm1: kelix fit" in ln)
         assert "exp3_parallel_heads.yaml" in exp3
 
@@ -84,8 +84,27 @@ def test_plan_trains_shared_stages_once():
     by_row = {r.row: r for r in tok}
     assert "codebook" not in {s.kind for s in by_row["continuous"].stages}  # no codes, no k-means
     assert "codebook" not in {s.kind for s in by_row["fsq"].stages}
+    assert "codebook" not in {s.kind for s in by_row["rvq"].stages}  # input k-means would not fit residual levels
     n16 = next(s for s in by_row["n16"].stages if s.kind == "llm1").argv
     assert n16[n16.index("--data.init_args.processor.init_args.N") + 1] == "16"
+
+
+def test_stages_of_other_steps_or_recipes_are_not_reused(tmp_path):
+    import shutil
+
+    def export(runs):
+        return next(s.export for s in runs[0].stages if s.kind == "tok1")
+
+    full, smoke = ablate.plan("llm", 1, "o", REC), ablate.plan("llm", 1, "o", REC, max_steps=2)
+    gpu = ablate.plan("llm", 1, "o", REC, overrides=["--trainer.accelerator", "gpu"])
+    assert len({export(full), export(smoke), export(gpu)}) == 3
+    assert export(full) == export(ablate.plan("llm", 1, "o", REC))  # the same plan finds its stages again
+    copy = tmp_path / "rec"
+    shutil.copytree(REC, copy)
+    assert export(ablate.plan("llm", 1, "o", str(copy))) == export(full)
+    with open(copy / "llm_stage3.yaml", "a") as f:
+        f.write("# edited\n")
+    assert export(ablate.plan("llm", 1, "o", str(copy))) != export(full)
 
 
 def test_table_rows_and_mean_spread(tmp_path):
@@ -248,9 +267,10 @@ def test_suite_end_to_end_and_resume(tiny_shards, monkeypatch, capsys):
         for seed in (0, 1):
             s = json.load(open(f"e2e/runs/{row}_s{seed}.json"))
             assert s["lm_loss"] is not None and 0 <= s["text_rich"] <= 1 and s["row"] == row
-    assert os.path.isdir("runs/ablations/tokenizer/kelix_tok_s1_llm3/version_0")
-    versions = sorted(glob.glob("runs/ablations/tokenizer/*/version_*"))
+    root = glob.glob("runs/ablations/tokenizer/*/kelix_tok_s1_llm3/export")
+    assert len(root) == 1 and os.path.isdir(root[0].replace("export", "version_0"))
+    versions = sorted(glob.glob("runs/ablations/tokenizer/*/*/version_*"))
     capsys.readouterr()
     assert ablate.main(args) == 0  # everything scored: nothing trains again
     assert capsys.readouterr().out.count("skipped") == 4
-    assert sorted(glob.glob("runs/ablations/tokenizer/*/version_*")) == versions
+    assert sorted(glob.glob("runs/ablations/tokenizer/*/*/version_*")) == versions
