@@ -10,7 +10,7 @@ import torch
 
 from kelix import ablate, ablate_exec, ablate_report
 from kelix.training.cli import run_lightning_cli
-from tests.llm.test_recipes import documented_configs
+from tests.llm.test_recipes import printed_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes/ablations/**/*.yaml"), recursive=True))
@@ -38,12 +38,7 @@ def test_every_row_has_its_recipe():
 
 @pytest.mark.parametrize("path", RECIPES, ids=[os.path.relpath(p, ROOT) for p in RECIPES])
 def test_recipe_parses(path, monkeypatch, capsys):
-    monkeypatch.chdir(ROOT)
-    args = ["fit"] + [a for c in documented_configs(path) for a in ("--config", c)] + ["--print_config"]
-    with pytest.raises(SystemExit) as e:
-        run_lightning_cli(args)
-    assert e.value.code in (0, None)
-    out = capsys.readouterr().out
+    out = printed_config(path, monkeypatch, capsys)
     assert "kelix.tokenizer.module.TokenizerModule" in out or "kelix.llm.module.UnifiedLLMModule" in out
     assert "data/synthetic/ablations/" in out and "accelerator: cpu" in out
 

@@ -30,6 +30,16 @@ def documented_configs(path: str) -> list[str]:
     return configs
 
 
+def printed_config(path: str, monkeypatch, capsys) -> str:
+    """``kelix fit --print_config`` of the recipe's documented command (from the repository root): its output."""
+    monkeypatch.chdir(ROOT)
+    args = ["fit"] + [a for c in documented_configs(path) for a in ("--config", c)] + ["--print_config"]
+    with pytest.raises(SystemExit) as e:
+        run_lightning_cli(args)
+    assert e.value.code in (0, None)
+    return capsys.readouterr().out
+
+
 def test_there_are_recipes_for_every_stage():
     names = {os.path.relpath(p, ROOT) for p in RECIPES}
     for stage in ("stage1_align", "stage2_1_interleaved", "stage2_2_multitask", "stage3_anneal", "stage4_sft"):
@@ -39,12 +49,7 @@ def test_there_are_recipes_for_every_stage():
 
 @pytest.mark.parametrize("path", RECIPES, ids=[os.path.relpath(p, ROOT) for p in RECIPES])
 def test_recipe_parses(path, monkeypatch, capsys):
-    monkeypatch.chdir(ROOT)
-    args = ["fit"] + [a for c in documented_configs(path) for a in ("--config", c)] + ["--print_config"]
-    with pytest.raises(SystemExit) as e:
-        run_lightning_cli(args)
-    assert e.value.code in (0, None)
-    out = capsys.readouterr().out
+    out = printed_config(path, monkeypatch, capsys)
     assert "class_path: kelix.llm.module.UnifiedLLMModule" in out
     assert "class_path: kelix.llm.data.LLMProcessor" in out
     if "recipes/llm/stage" in path:
