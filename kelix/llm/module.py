@@ -207,8 +207,10 @@ class UnifiedLLMModule(KelixModule):
         where = torch.cat(list(batch["image_index"])).to(self.device)
         if q is None:  # features in the image order of image_index -> row-major order of the blocks
             feats = out.embeds.float()[where.argsort()]
-            if self.training and not bool(self.lm.visual.standardized):
-                self._standardize(feats)
+            if self.training and not self._standardized_seen:  # read the buffer once, not every step (a sync)
+                if not bool(self.lm.visual.standardized):
+                    self._standardize(feats)
+                self._standardized_seen = True
             return batch["codes"], feats
         codes = batch["codes"].clone()
         N = codes.shape[-1]
@@ -238,6 +240,7 @@ class UnifiedLLMModule(KelixModule):
         return out
 
     _val_sampled = False
+    _standardized_seen = False  # the continuous projector's standardized flag was read (it is set once, never unset)
 
     def on_validation_epoch_start(self):
         self._val_sampled = False
