@@ -8,8 +8,9 @@ multi-task, completion-only) on that tokenizer. The LLM suite runs on one tokeni
 Kelix-Tok, seed 0); its rows overlay one LLM stage (exp2 reuses exp1's stage 1). A stage that several
 rows share is trained once. Each stage is an ordinary ``kelix fit`` command line (``--dry-run`` prints
 them), run in a process forked from this one (the imports, ~11 s on 2 cores, are paid once; ``--exec
-subprocess`` runs the very same commands as new processes). Seeds: ``seed_everything`` and the data
-seed. TensorBoard: ``runs/ablations/<suite>/<stage>/version_N``; exports beside them.
+subprocess`` runs the very same commands as new processes); ``--jobs J`` runs J runs at once, each stage on
+``cpu_count // J`` torch threads (tiny models gain little from threads, much from running side by side), a
+shared stage still trained once. Seeds: ``seed_everything`` and the data seed. TensorBoard: ``runs/ablations/<suite>/<stage>/version_N``; exports beside them.
 
 Then every run is scored on held-out synthetic benchmarks (``synthetic-vqa``: general;
 ``synthetic-dense``: text-rich; ``synthetic-ocr``) and its last LLM stage's validation loss, into
@@ -17,7 +18,7 @@ Then every run is scored on held-out synthetic benchmarks (``synthetic-vqa``: ge
 ``<out>/ablations.md`` and ``<out>/ablations.json`` hold the tables (:mod:`kelix.ablate_report`).
 
     kelix ablate --suite tokenizer --dry-run
-    kelix ablate --suite tokenizer --seeds 3 --out outputs/ablations/tokenizer
+    kelix ablate --suite tokenizer --seeds 3 --jobs 2 --out outputs/ablations/tokenizer
     kelix ablate --suite llm --rows exp1,exp3 --max-steps 2 -- --trainer.accelerator gpu
 """
 
@@ -219,7 +220,7 @@ def codebook_configs(runs: list[Run], recipes: str) -> None:
                 yaml.safe_dump(cfg, f, sort_keys=False)
 
 
-def format_plan(runs: list[Run]) -> str:
+def format_plan(runs: list[Run], jobs: int = 1) -> str:
     lines, first = [], set()
     for run in runs:
         lines.append(f"{run.row} seed {run.seed}  -> {run.scores}")
@@ -232,6 +233,13 @@ def format_plan(runs: list[Run]) -> str:
         lines.append(f"  eval     {', '.join(EVAL_ITEMS)} + LM loss (val/loss of {run.llm_run})")
     distinct = {s.id for r in runs for s in r.stages if s.kind != "codebook"}
     lines.append(f"{len(runs)} runs, {len(distinct)} distinct training stages")
+    if jobs > 1:
+        from kelix.ablate_exec import threads_per_child
+
+        lines.append(f"jobs {jobs}: up to {jobs} runs at once, {threads_per_child(jobs)} torch thread(s) per stage "
+                     f"({os.cpu_count()} CPUs); a shared stage is trained once, the other runs wait for it")
+    else:
+        lines.append("jobs 1: one run at a time")
     return "\n".join(lines)
 
 
@@ -250,6 +258,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exec", choices=["fork", "subprocess"], default="fork", dest="exec_mode",
                    help="run each stage in a process forked from this one (imports paid once) or as a new "
                         "`python -m kelix.cli` process (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=1, metavar="J",
+                   help="runs at once, each stage on cpu_count // J torch threads (default: %(default)s)")
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="after --: options for every kelix fit, e.g. -- --trainer.accelerator gpu")
     return p
@@ -257,22 +267,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    if a.seeds < 1:
-        raise SystemExit("kelix ablate: --seeds must be at least 1")
+    if a.seeds < 1 or a.jobs < 1:
+        raise SystemExit("kelix ablate: --seeds and --jobs must be at least 1")
     overrides = a.overrides[1:] if a.overrides[:1] == ["--"] else a.overrides
     out = a.out or os.path.join("outputs", "ablations", a.suite)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()] if a.rows else None
     recipes = find_recipes(a.recipes)
     runs = plan(a.suite, a.seeds, out, recipes, rows=rows, max_steps=a.max_steps, overrides=overrides)
     if a.dry_run:
-        print(format_plan(runs))
+        print(format_plan(runs, a.jobs))
         return 0
     from kelix import ablate_exec
 
     counts = {k: a.eval_items or v for k, v in EVAL_ITEMS.items()}
     codebook_configs(runs, recipes)
     start = time.time()
-    scores = ablate_exec.run_all(runs, out, counts, a.exec_mode)
+    scores = ablate_exec.run_all(runs, out, counts, a.exec_mode, a.jobs)
     md, js = report.write(out, a.suite, scores, {"command": shlex.join(["kelix", "ablate", *(argv or sys.argv[2:])]),
                                                  "seeds": a.seeds, "seconds": round(time.time() - start, 1)})
     print(open(md).read())

@@ -66,6 +66,16 @@ def test_dry_run_lists_every_run(suite, capsys):
         assert "exp3_parallel_heads.yaml" in exp3
 
 
+def test_dry_run_shows_jobs(monkeypatch, capsys):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert ablate.main(["--suite", "llm", "--seeds", "1", "--jobs", "2", "--dry-run"]) == 0
+    assert "jobs 2: up to 2 runs at once, 4 torch thread(s) per stage (8 CPUs)" in capsys.readouterr().out
+    assert ablate.main(["--suite", "llm", "--seeds", "1", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "jobs 1: one run at a time"
+    with pytest.raises(SystemExit, match="--jobs must be at least 1"):
+        ablate.main(["--suite", "llm", "--jobs", "0", "--dry-run"])
+
+
 def test_plan_trains_shared_stages_once():
     runs = ablate.plan("llm", 2, "o", REC)
     ids = [s.id for r in runs for s in r.stages if not s.shared]
@@ -269,3 +279,25 @@ def test_suite_end_to_end_and_resume(tiny_shards, monkeypatch, capsys):
     assert ablate.main(args) == 0  # everything scored: nothing trains again
     assert capsys.readouterr().out.count("skipped") == 4
     assert sorted(glob.glob("runs/ablations/tokenizer/*/*/version_*")) == versions
+
+
+@pytest.mark.slow
+def test_two_jobs_give_the_tables_of_one(tiny_shards, monkeypatch):
+    """--jobs 2 on 2 tiny runs sharing their k-means codebook: the same table rows as --jobs 1 (each in its
+    own directory, so that nothing is reused; one torch thread per stage either way, as on 2 CPUs)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    docs = {}
+    for jobs in (1, 2):
+        d = tiny_shards / f"jobs{jobs}"
+        d.mkdir()
+        os.symlink(tiny_shards / "data", d / "data")
+        monkeypatch.chdir(d)
+        assert ablate.main(["--suite", "tokenizer", "--rows", "kelix_tok", "--seeds", "2", "--max-steps", "2",
+                            "--eval-items", "2", "--jobs", str(jobs), "--out", "out", "--",
+                            "--data.init_args.num_workers", "0"]) == 0
+        docs[jobs] = json.load(open("out/ablations.json"))
+        assert len(glob.glob("runs/ablations/tokenizer/*/codebooks/kelix_tok.safetensors")) == 1
+        assert len(glob.glob("out/logs/codebook_kelix_tok.log")) == 1
+    assert docs[2]["rows"] == docs[1]["rows"] and docs[1]["rows"][2]["seeds"] == [0, 1]
+    assert list(docs[2]["runs"]["kelix_tok"]) == ["0", "1"]
