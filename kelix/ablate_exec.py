@@ -318,22 +318,26 @@ def _run_concurrently(todo, jobs: int, one, done: dict) -> None:
         overall = tqdm(total=len(todo), desc=f"runs ({jobs} at once)", unit="run", dynamic_ncols=True)
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(timed, run): run for run in todo}
-        for f in as_completed(futures):
-            run = futures[f]
-            try:
-                s, seconds = f.result()
-            except SystemExit as e:  # the run's failure (log tail and message); the others go on
-                failed.append(run)
-                line, file = str(e.code), sys.stderr
-            except Exception as e:  # noqa: BLE001 (a bug in this process, not in a stage: still only this run)
-                failed.append(run)
-                line, file = "".join(traceback.format_exception(e)).rstrip(), sys.stderr
-            else:
-                done[run.row, run.seed] = s
-                line, file = summary_line(run, s, seconds), sys.stdout
-            with _FORK:
-                overall.write(line, file=file)
-                overall.update()
+        try:
+            for f in as_completed(futures):
+                run = futures[f]
+                try:
+                    s, seconds = f.result()
+                except SystemExit as e:  # the run's failure (log tail and message); the others go on
+                    failed.append(run)
+                    line, file = str(e.code), sys.stderr
+                except Exception as e:  # noqa: BLE001 (a bug in this process, not in a stage: still this run only)
+                    failed.append(run)
+                    line, file = "".join(traceback.format_exception(e)).rstrip(), sys.stderr
+                else:
+                    done[run.row, run.seed] = s
+                    line, file = summary_line(run, s, seconds), sys.stdout
+                with _FORK:
+                    overall.write(line, file=file)
+                    overall.update()
+        except BaseException:  # Ctrl-C: start no further run (the running ones end with their interrupted children)
+            pool.shutdown(cancel_futures=True)
+            raise
     with _FORK:
         overall.close()
     if failed:
