@@ -154,12 +154,15 @@ def _shared(scene: Scene, color: str) -> bool:
 
 
 def _vqa_all(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
-    """Every question the scene answers (its count, each object's colour and shape), in random order: one
-    image then feeds 3 to 7 supervised answers instead of 1 (the tiny LLM's signal is the answers)."""
+    """The count and one question per object (its colour, or its shape by colour), in random order: one image
+    feeds 2 to 4 supervised answers instead of 1. Never both questions of one object: after "What color is
+    the circle? red", "Which shape is red?" is answered from the text, and the LLM learns that shortcut
+    instead of reading the image."""
     qa = [("How many shapes are in the image?", NUMBERS[len(scene.shapes)])]
     for color, shape in scene.shapes:
-        qa.append((f"What color is the {shape}?", color))
-        if not _shared(scene, color):
+        if _shared(scene, color) or rng.random() < 0.5:
+            qa.append((f"What color is the {shape}?", color))
+        else:
             qa.append((f"Which shape is {color}?", shape))
     rng.shuffle(qa)
     return qa

@@ -120,23 +120,35 @@ def _qa(meta: dict) -> list[tuple[str, str]]:
     return list(zip(q, [m["content"] for m in msgs[1::2]]))
 
 
-def test_a_training_vqa_sample_asks_everything_its_scene_answers_and_nothing_ambiguous():
+def test_a_training_vqa_sample_asks_one_question_per_object_and_no_answer_twice():
     from kelix.data.synthetic import _vqa_all
 
     scene = Scene("white", [("red", "circle"), ("blue", "square"), ("red", "triangle")])
-    qa = _vqa_all(scene, random.Random(0))
-    assert sorted(qa) == sorted([("How many shapes are in the image?", "three"),
-                                 ("What color is the circle?", "red"), ("What color is the square?", "blue"),
-                                 ("What color is the triangle?", "red"), ("Which shape is blue?", "square")])
+    seen = set()
+    for seed in range(20):
+        qa = _vqa_all(scene, random.Random(seed))
+        assert qa.count(("How many shapes are in the image?", "three")) == 1 and len(qa) == 4
+        # the red objects share their colour: only "What color is the circle/triangle?" asks about them
+        assert ("What color is the circle?", "red") in qa and ("What color is the triangle?", "red") in qa
+        blue = [x for x in qa if "square" in x[0] or "blue" in x[0]]
+        assert blue in ([("What color is the square?", "blue")], [("Which shape is blue?", "square")])
+        seen.add(blue[0][0])
+    assert len(seen) == 2  # both kinds of question are asked about an object with a colour of its own
     rng = random.Random(3)
     for _ in range(40):
         meta, (img,) = make_sample("vqa", rng, IMAGE_SIZE)
         roles = [m["role"] for m in meta["messages"]]
-        assert roles == ["user", "assistant"] * (len(roles) // 2) and 3 <= len(roles) // 2 <= 7
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and 2 <= len(roles) // 2 <= 4
         first, *later = meta["messages"][0::2]
         assert first["content"][0] == {"type": "image", "image": "0.jpg"}  # the image comes once, first
         assert all(isinstance(m["content"], str) for m in later)
-        assert _qa(meta)[0][0] and len(set(_qa(meta))) == len(_qa(meta))
+        qa = _qa(meta)
+        assert len(set(qa)) == len(qa)
+        # no answer can be copied from the conversation: "What color is the circle? red" never comes with
+        # "Which shape is red? circle" (the shortcut that kept the LLM from reading the image)
+        pairs = {(a, q.removeprefix("What color is the ").rstrip("?")) for q, a in qa if q.startswith("What color")}
+        pairs |= {(q.removeprefix("Which shape is ").rstrip("?"), a) for q, a in qa if q.startswith("Which shape")}
+        assert len(pairs) == len(qa) - 1
 
 
 def test_a_benchmark_vqa_item_asks_one_question_with_one_answer():
