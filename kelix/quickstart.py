@@ -80,12 +80,45 @@ def pipeline_config(recipe_dir: str) -> dict:
     return {**sizes, **PIPELINE_CONFIG}
 
 
+def usable_cpus() -> int:
+    """Cores this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _option(args: list[str], key: str):
+    """The last value ``args`` give ``key`` (``--key value`` or ``--key=value``), else None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == key and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(key + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def fit_devices(recipe_dir: str, recipes: list[str], overrides: list[str] = (), cpus: int | None = None) -> list[str]:
+    """Overrides that fit a recipe's processes to this machine. A CPU recipe that trains on ``devices: 2``
+    processes (two 1-thread processes train ~1.3x the samples per second of one on 2 cores) runs as one
+    process with ``accumulate_grad_batches: 2`` on a 1-core machine, or on one GPU when the user's options
+    (``-- --trainer.accelerator gpu``) move it there: the same batch per optimizer step, so the same run.
+    The user's own ``--trainer.devices`` still wins (it comes later on the command line)."""
+    devices = _recipe_value(recipe_dir, recipes, ("trainer", "devices"))
+    accumulate = _recipe_value(recipe_dir, recipes, ("trainer", "accumulate_grad_batches")) or 1
+    accelerator = _option(list(overrides), "--trainer.accelerator") or \
+        _recipe_value(recipe_dir, recipes, ("trainer", "accelerator"))
+    slots = (usable_cpus() if cpus is None else cpus) if accelerator == "cpu" else 1
+    if not isinstance(devices, int) or devices <= slots:
+        return []
+    fit = max(n for n in range(1, slots + 1) if devices % n == 0)
+    return ["--trainer.devices", str(fit), "--trainer.accumulate_grad_batches", str(accumulate * devices // fit)]
+
+
 def fit_command(name: str, recipes: list[str], export: str, recipe_dir: str, max_steps: int | None,
                 overrides: list[str] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "kelix.cli", "fit"]
     for r in recipes:
         cmd += ["--config", os.path.join(recipe_dir, r)]
-    cmd += ["--name", name, "--model.init_args.export_dir", export]
+    cmd += ["--name", name, "--model.init_args.export_dir", export, *fit_devices(recipe_dir, recipes, overrides)]
     if max_steps is not None:
         cmd += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max_steps),
                 "--trainer.log_every_n_steps", "1"]

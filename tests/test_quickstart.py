@@ -251,6 +251,23 @@ def test_pipeline_sizes_come_from_the_recipes(tmp_path):
         qs_cli.pipeline_config(str(tmp_path))
 
 
+def test_a_two_process_cpu_recipe_runs_as_accumulated_batches_where_fewer_devices_are_usable(tmp_path):
+    (tmp_path / "a.yaml").write_text("trainer:\n  accelerator: cpu\n  devices: 2\n  strategy: ddp\n")
+    fit = qs_cli.fit_devices
+    assert fit(str(tmp_path), ["a.yaml"], cpus=2) == []  # it fits: the recipe as it is
+    one = ["--trainer.devices", "1", "--trainer.accumulate_grad_batches", "2"]  # the same batch per optimizer step
+    assert fit(str(tmp_path), ["a.yaml"], cpus=1) == one
+    for gpu in (["--trainer.accelerator", "gpu"], ["--trainer.accelerator=cuda"]):  # README: -- --trainer.accelerator gpu
+        assert fit(str(tmp_path), ["a.yaml"], gpu, cpus=16) == one  # one GPU, not 2
+    assert fit(str(tmp_path), ["a.yaml"], ["--trainer.accelerator", "gpu", "--trainer.accelerator", "cpu"], cpus=2) == []
+    (tmp_path / "b.yaml").write_text("trainer:\n  devices: 4\n  accumulate_grad_batches: 3\n")
+    assert fit(str(tmp_path), ["a.yaml", "b.yaml"], cpus=3) == \
+        ["--trainer.devices", "2", "--trainer.accumulate_grad_batches", "6"]  # 2 x 6 = 4 x 3; the overlay's values win
+    cmd = qs_cli.fit_command("s", ["a.yaml"], "e", str(tmp_path), None, ["--trainer.accelerator", "gpu",
+                                                                          "--trainer.devices", "2"])
+    assert cmd[-8:] == [*one, "--trainer.accelerator", "gpu", "--trainer.devices", "2"]  # the user's own come last: they win
+
+
 def test_stage_summary_line_from_the_runs_tensorboard_log(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
