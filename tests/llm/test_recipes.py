@@ -75,7 +75,8 @@ def test_quickstart_chain(tmp_path, monkeypatch, image_tokenizer):
     _fit("recipes/quickstart/llm.yaml", *k)
     s1 = KelixLM.from_pretrained("runs/llm/export")
     assert s1.visual is not None and s1.config.visual_input == "projector"
-    _fit("recipes/quickstart/llm_stage2_2.yaml", *k)
+    # in this process, not the recipe's 2 CPU processes (a DDP launch would start pytest again)
+    _fit("recipes/quickstart/llm_stage2_2.yaml", *k, "--trainer.devices", "1", "--trainer.strategy", "auto")
     s2 = KelixLM.from_pretrained("runs/llm_stage2_2/export")
     assert s2.visual is None and s2.vocab == s1.vocab
     # stage 2.2 trained every part: the backbone's layers moved away from stage 1's
