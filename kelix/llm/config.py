@@ -33,7 +33,13 @@ class LLMConfig:
         decoder_width: block decoder width (official 512).
         decoder_layers: block decoder layers (official 1).
         decoder_heads: block decoder attention heads (official 4).
-        decoder_ffn: block decoder SwiGLU intermediate size.
+        decoder_ffn: block decoder SwiGLU intermediate size (the release: 2048).
+        decoder_kind: ``qwen3`` (the kit's default: a transformers Qwen3 block, RMSNorm, RoPE over the
+            slots) or ``release`` (the released Kelix's: LayerNorm pre-LN, attention with biases,
+            learned slot positions for N+1 slots; :mod:`kelix.llm.decoder_release`). Choose ``release``
+            to hold or fine-tune the released weights (``kelix convert official`` sets it).
+        eob_token_id: use this existing text id as ``<eob>`` instead of adding a ``<|eob|>`` token (the
+            release's ``q_eos_token``, a trained row; a new token's row would start untrained).
         dtype: backbone weight dtype when loading (``float32`` for training with bf16-mixed).
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (default: flash when
             installed on a GPU, else sdpa).
@@ -76,6 +82,8 @@ class LLMConfig:
     decoder_layers: int = 1
     decoder_heads: int = 4
     decoder_ffn: int = 1536
+    decoder_kind: Literal["qwen3", "release"] = "qwen3"
+    eob_token_id: int | None = None
     dtype: str | None = None
     attn_implementation: str | None = None
     packed_attention: Literal["auto", "mask", "varlen"] = "auto"
@@ -92,6 +100,8 @@ class LLMConfig:
     def __post_init__(self):
         if self.visual_input not in ("projector", "table", "continuous"):
             raise ValueError(f"lm.visual_input {self.visual_input!r} is not projector, table or continuous")
+        if self.decoder_kind not in ("qwen3", "release"):
+            raise ValueError(f"lm.decoder_kind {self.decoder_kind!r} is not qwen3 or release")
         if self.predictor not in ("block_decoder", "parallel"):
             raise ValueError(f"lm.predictor {self.predictor!r} is not block_decoder or parallel")
         if self.visual_init not in ("standardized", "default"):

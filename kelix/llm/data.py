@@ -116,6 +116,8 @@ class LLMProcessor(Processor):
         pad_to_multiple_of: round the row length up (GPU kernels like multiples of 8 or 64).
         use_codes: use pre-computed ``codes.npy`` when present (False: always encode the pixels).
         row_marker: the row-marker text (must match ``lm.row_marker``).
+        eob_token_id: an existing text id used as ``<eob>`` (must match ``lm.eob_token_id``; a converted
+            release's ``q_eos``), so the processor's tokenizer gets no ``<|eob|>`` of its own.
         prompt_dropout: probability that a text-to-image sample (images in assistant turns only)
             loses its prompt, training the unconditional branch that CFG (``cfg_scale``) reads; 0.1
             as is common. The draw is a hash of (``prompt_dropout_seed``, shard file name, key): the
@@ -126,7 +128,8 @@ class LLMProcessor(Processor):
     def __init__(self, text_tokenizer: str, N: int, K: int, image: ImageConfig | None = None,
                  gen_image: ImageConfig | None = None, completion_only: bool = False, max_blocks: int = 4096,
                  pack: bool = True, pad_to_multiple_of: int = 1, use_codes: bool = True,
-                 row_marker: str = "{row},{cols}", prompt_dropout: float = 0.1, prompt_dropout_seed: int = 0):
+                 row_marker: str = "{row},{cols}", prompt_dropout: float = 0.1, prompt_dropout_seed: int = 0,
+                 eob_token_id: int | None = None):
         if N < 1 or K < 1:
             raise ValueError(f"processor N and K must be >= 1, got N={N}, K={K}")
         if not 0.0 <= prompt_dropout <= 1.0:
@@ -139,6 +142,7 @@ class LLMProcessor(Processor):
             raise ValueError(f"gen_image patch*merge {self.gen_image.factor} != image patch*merge {self.image.factor}")
         self.completion_only, self.max_blocks, self.pack = completion_only, max_blocks, pack
         self.pad_to_multiple_of, self.use_codes, self.row_marker = pad_to_multiple_of, use_codes, row_marker
+        self.eob_token_id = eob_token_id
         self.prompt_dropout, self.prompt_dropout_seed = prompt_dropout, prompt_dropout_seed
         self._layout: Layout | None = None
 
@@ -147,7 +151,8 @@ class LLMProcessor(Processor):
         if self._layout is None:  # built lazily: each dataloader worker loads its own tokenizer
             from kelix.data.text import load_text_tokenizer
 
-            self._layout = Layout(extend_text_tokenizer(load_text_tokenizer(self.text_tokenizer)), self.row_marker)
+            tok = extend_text_tokenizer(load_text_tokenizer(self.text_tokenizer), eob_id=self.eob_token_id)
+            self._layout = Layout(tok, self.row_marker, eob_id=self.eob_token_id)
         return self._layout
 
     def __getstate__(self):

@@ -187,7 +187,7 @@ class FastImageGenerator:
         """Block-decoder output of slot ``j`` (as the decoder's ``step``; ``cache``, a list for a
         :class:`BlockDecoder`, a dict for :class:`ParallelHeads`, grows by one slot)."""
         dec = self.lm.decoder
-        if isinstance(dec, ParallelHeads):
+        if not isinstance(dec, BlockDecoder):  # ParallelHeads, ReleaseBlockDecoder: their own step
             return dec.step(x, j, cache, kind="visual")
         z = dec.proj_in(x[:, None]) + dec.slot_embed.weight[j]
         cos, sin = self.dec_cos[:, j:j + 1], self.dec_sin[:, j:j + 1]

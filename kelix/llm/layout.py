@@ -85,14 +85,18 @@ class Layout:
     Args:
         tokenizer: a text tokenizer extended by :func:`kelix.llm.vocab.extend_text_tokenizer`.
         row_marker: text between ``<|mm_pos_start|>`` and ``<|mm_pos_end|>`` of each row; fields
-            ``{row}`` (0-based), ``{rows}`` (h) and ``{cols}`` (w).
+            ``{row}`` (0-based), ``{row1}`` (1-based), ``{rows}`` (h) and ``{cols}`` (w). The paper's
+            example ``3,4`` reads "3rd row of a 4-column grid", i.e. ``{row1},{cols}``; the kit's
+            default is ``{row},{cols}``. For a converted release, use what its processor wrote.
+        eob_id: an existing id used as ``<eob>`` (see :func:`~kelix.llm.vocab.extend_text_tokenizer`).
         doc_end: appended to ``segments`` documents so the model learns where a document ends
             (skipped if the tokenizer lacks it).
     """
 
-    def __init__(self, tokenizer, row_marker: str = "{row},{cols}", doc_end: str | None = DOC_END):
+    def __init__(self, tokenizer, row_marker: str = "{row},{cols}", doc_end: str | None = DOC_END,
+                 eob_id: int | None = None):
         self.tok = tokenizer
-        self.ids = special_ids(tokenizer)
+        self.ids = special_ids(tokenizer, eob_id)
         self.row_marker = row_marker
         self.doc_end = tokenizer.get_vocab().get(doc_end) if doc_end else None
         self._text_cache: dict[str, list[int]] = {}
@@ -111,7 +115,7 @@ class Layout:
         doc.add_text([self.ids["vision_start"]], train)
         positions = []
         for r in range(h):
-            marker = self.row_marker.format(row=r, rows=h, cols=w)
+            marker = self.row_marker.format(row=r, row1=r + 1, rows=h, cols=w)
             doc.add_text([self.ids["mm_pos_start"], *self.text(marker), self.ids["mm_pos_end"]], train)
             positions.extend(range(len(doc), len(doc) + w))
             doc.add_text([VISUAL] * w, train)

@@ -25,6 +25,7 @@ from torch import nn
 from kelix.llm.attention import HOST_BOUNDS, VARLEN, doc_bounds, packed_causal_mask, use_varlen, varlen_kernel
 from kelix.llm.config import BlockPrediction, LLMConfig
 from kelix.llm.decoder import BlockDecoder, ParallelHeads
+from kelix.llm.decoder_release import ReleaseBlockDecoder
 from kelix.llm.embed import ContinuousProjector, VisualProjector
 from kelix.llm.layout import Layout
 from kelix.llm.model_io import LMDirectory, fill_legacy
@@ -61,7 +62,8 @@ class KelixLM(nn.Module, LMDirectory):
         self.config = cfg
         if cfg.backbone is None and cfg.backbone_config is None:
             raise ValueError("lm: set backbone (a local model directory) or backbone_config (e.g. TINY_QWEN3)")
-        self.text_tokenizer = extend_text_tokenizer(load_text_tokenizer(cfg.text_tokenizer or cfg.backbone))
+        self.text_tokenizer = extend_text_tokenizer(load_text_tokenizer(cfg.text_tokenizer or cfg.backbone),
+                                                    eob_id=cfg.eob_token_id)
         image_tok = self._read_image_tokenizer() if cfg.image_tokenizer else None
         if cfg.N is None or cfg.K is None:
             raise ValueError("lm: N and K are unknown: set lm.image_tokenizer (an exported tokenizer) or lm.N and lm.K")
@@ -81,7 +83,7 @@ class KelixLM(nn.Module, LMDirectory):
         if rows != cfg.visual_offset + cfg.N * cfg.K:
             raise ValueError(f"backbone has {rows} embedding rows, expected visual_offset {cfg.visual_offset} + "
                              f"N*K {cfg.N * cfg.K}")
-        self.vocab = Vocab.build(self.text_tokenizer, cfg.visual_offset, cfg.N, cfg.K)
+        self.vocab = Vocab.build(self.text_tokenizer, cfg.visual_offset, cfg.N, cfg.K, eob_id=cfg.eob_token_id)
         D = self.hidden_size
         self.visual = None
         if cfg.visual_input == "continuous":  # Table 6a's continuous baseline: features, not codes
@@ -99,10 +101,13 @@ class KelixLM(nn.Module, LMDirectory):
                 raise ValueError("lm.visual_input=projector needs lm.image_tokenizer (the exported tokenizer directory)")
         if cfg.predictor == "parallel":
             self.decoder = ParallelHeads(D, cfg.N)
+        elif cfg.decoder_kind == "release":  # N code slots + the end-of-block slot, as the release
+            self.decoder = ReleaseBlockDecoder(D, cfg.N + 1, cfg.decoder_width, cfg.decoder_layers,
+                                               cfg.decoder_heads, cfg.decoder_ffn)
         else:
             self.decoder = BlockDecoder(D, cfg.N, cfg.decoder_width, cfg.decoder_layers, cfg.decoder_heads,
                                         cfg.decoder_ffn, attn_implementation=attn if attn != "eager" else "sdpa")
-        self.layout = Layout(self.text_tokenizer, cfg.row_marker)
+        self.layout = Layout(self.text_tokenizer, cfg.row_marker, eob_id=cfg.eob_token_id)
 
     # -- parts
     @property

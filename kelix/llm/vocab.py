@@ -41,21 +41,27 @@ SPECIAL_TOKENS = {
 DOC_END = "<|endoftext|>"
 
 
-def extend_text_tokenizer(tok):
-    """Add the block-layout specials the tokenizer lacks (idempotent; the same base gives the same ids)."""
-    missing = [t for t in SPECIAL_TOKENS.values() if t not in tok.get_vocab()]
+def extend_text_tokenizer(tok, eob_id: int | None = None):
+    """Add the block-layout specials the tokenizer lacks (idempotent; the same base gives the same ids).
+    ``eob_id``: an existing id serves as ``<eob>`` (the release's ``q_eos``), so ``<|eob|>`` is not added."""
+    if eob_id is not None and not 0 <= eob_id < len(tok):
+        raise ValueError(f"lm.eob_token_id {eob_id} is not a text id (the tokenizer has {len(tok)})")
+    want = [t for k, t in SPECIAL_TOKENS.items() if not (k == "eob" and eob_id is not None)]
+    missing = [t for t in want if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
     return tok
 
 
-def special_ids(tok) -> dict[str, int]:
-    """Ids of :data:`SPECIAL_TOKENS` in an extended tokenizer (raises if one is missing)."""
+def special_ids(tok, eob_id: int | None = None) -> dict[str, int]:
+    """Ids of :data:`SPECIAL_TOKENS` in an extended tokenizer (raises if one is missing); ``eob_id``
+    overrides ``<|eob|>``'s (see :func:`extend_text_tokenizer`)."""
     vocab = tok.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS.values() if t not in vocab]
+    names = {k: t for k, t in SPECIAL_TOKENS.items() if not (k == "eob" and eob_id is not None)}
+    missing = [t for t in names.values() if t not in vocab]
     if missing:
         raise ValueError(f"text tokenizer lacks {missing}: call kelix.llm.vocab.extend_text_tokenizer first")
-    return {k: vocab[t] for k, t in SPECIAL_TOKENS.items()}
+    return {k: vocab[t] for k, t in names.items()} | ({"eob": eob_id} if eob_id is not None else {})
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,8 @@ class Vocab:
     im_end: int
 
     @classmethod
-    def build(cls, tok, visual_offset: int, N: int, K: int) -> Vocab:
-        ids = special_ids(tok)
+    def build(cls, tok, visual_offset: int, N: int, K: int, eob_id: int | None = None) -> Vocab:
+        ids = special_ids(tok, eob_id)
         too_big = {k: v for k, v in ids.items() if v >= visual_offset}
         if too_big:
             raise ValueError(f"special ids {too_big} are not below visual_offset {visual_offset}")

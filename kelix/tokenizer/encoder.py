@@ -1,6 +1,6 @@
 """Vision encoder adapter: native-resolution ViT features, grouped for the 2x2 patch merge.
 
-Three kinds of encoder give the same output, a list of per-image patch grids ``[gh, gw, D]``:
+Four kinds of encoder give the same output, a list of per-image patch grids ``[gh, gw, D]``:
 
 * ``naflexvit``: timm ``NaFlexVit``; images of different sizes share one padded batch with
   ``patch_coord``/``patch_valid`` masks (padding never changes the valid tokens' features);
@@ -8,10 +8,13 @@ Three kinds of encoder give the same output, a list of per-image patch grids ``[
 * ``hf``: a transformers vision tower, position embeddings interpolated
   (``interpolate_pos_encoding``) for native resolution. SigLIP (``siglip_vision_model``) runs
   images of all sizes in one padded batch with a key-padding attention mask and without its
-  attention-pooling head (unused); other towers run one batch per image size.
+  attention-pooling head (unused); other towers run one batch per image size;
+* ``keye``: the released Kelix's ViT (Keye-VL 1.5's NaViT) on transformers' ``PaddleOCRVisionModel``
+  (transformers >= 5), all images packed in one sequence (:mod:`kelix.tokenizer.navit`).
 
-:class:`PatchMerger` is Keye's projector: LayerNorm, then each ``m x m`` group of patches
-concatenated and mapped by an MLP (patch 14 -> one visual token per 28 px).
+:class:`PatchMerger` is Keye's projector: each ``m x m`` group of patches concatenated and mapped by
+an MLP (patch 14 -> one visual token per 28 px), with a LayerNorm on each patch (the kit's default) or
+on the concatenation (the release's).
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ class EncoderConfig:
 
     Args:
         kind: ``naflexvit`` (timm NaFlexVit, native resolution in one padded batch), ``timm``
-            (any timm ViT, images batched by size) or ``hf`` (a transformers vision tower).
+            (any timm ViT, images batched by size), ``hf`` (a transformers vision tower) or ``keye``
+            (the released Kelix's NaViT, transformers' ``PaddleOCRVisionModel``: learned positions
+            resampled per image, 2D RoPE; needs transformers >= 5; ``hf_config`` from
+            :func:`kelix.tokenizer.navit.keye_vit_config`, or ``path``).
         name: timm model name (``naflexvit`` / ``timm``), e.g. ``naflexvit_base_patch16_gap``;
             its architecture is overridden by ``kwargs``.
         kwargs: timm model arguments (``embed_dim``, ``depth``, ``num_heads``, ``patch_size``...).
@@ -42,14 +48,14 @@ class EncoderConfig:
             a ``.safetensors`` file or an HF-style directory; for ``hf`` a transformers model
             directory (its ``config.json`` also gives the architecture). A full vision-language
             checkpoint (e.g. SigLIP) is accepted: its vision tower is taken.
-        hf_config: for ``hf`` without ``path``: the vision config as a dict with ``model_type``
+        hf_config: for ``hf`` / ``keye`` without ``path``: the vision config as a dict with ``model_type``
             (e.g. ``{"model_type": "siglip_vision_model", "hidden_size": 32, ...}``). Exported
             tokenizers store it here so they load without the original directory.
         prefix: for ``path``: leading string of the checkpoint keys to strip (e.g.
             ``"visual."`` when the ViT weights sit inside a larger model's file).
     """
 
-    kind: Literal["naflexvit", "timm", "hf"] = "naflexvit"
+    kind: Literal["naflexvit", "timm", "hf", "keye"] = "naflexvit"
     name: str = "naflexvit_base_patch16_gap"
     kwargs: dict = field(default_factory=dict)
     path: str | None = None
@@ -90,6 +96,27 @@ class VisionEncoder(nn.Module):
                                      f"{type(self.model).__name__} (use kind: timm)")
             own = self.model.embeds.patch_size if config.kind == "naflexvit" else self.model.patch_embed.patch_size
             own = tuple(own) if isinstance(own, (tuple, list)) else (own, own)
+        elif config.kind == "keye":
+            from kelix.tokenizer.navit import MODEL_TYPE, build_keye_vit
+
+            hf = config.hf_config
+            if config.path is not None:
+                if not os.path.isfile(os.path.join(config.path, "config.json")):
+                    raise FileNotFoundError(f"encoder.path {config.path!r} is not a local model directory")
+                import json
+
+                with open(os.path.join(config.path, "config.json")) as f:
+                    hf = json.load(f)
+                hf = hf.get("vision_config", hf)
+            if hf is None:
+                raise ValueError("encoder.kind keye needs encoder.hf_config (kelix.tokenizer.navit.keye_vit_config) "
+                                 "or encoder.path")
+            if hf.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+                raise ValueError(f"encoder.kind keye needs a {MODEL_TYPE} config, got model_type {hf['model_type']!r}")
+            self.model = build_keye_vit(hf)
+            self.width = int(self.model.config.hidden_size)
+            own = (self.model.config.patch_size,) * 2
+            self.num_prefix_tokens = 0
         elif config.kind == "hf":
             from transformers import AutoConfig, AutoModel
 
@@ -113,13 +140,18 @@ class VisionEncoder(nn.Module):
             own = (own, own)
             self.num_prefix_tokens = -1  # found per call: CLIP-style towers prepend a class token
         else:
-            raise ValueError(f"encoder.kind {config.kind!r} is not naflexvit, timm or hf")
+            raise ValueError(f"encoder.kind {config.kind!r} is not naflexvit, timm, hf or keye")
         if tuple(own) != (patch_size, patch_size):
             raise ValueError(f"encoder patch size {tuple(own)} differs from image.patch_size {patch_size}")
 
     def portable_config(self) -> EncoderConfig:
         """This encoder's config without file paths (what an exported tokenizer stores)."""
         c = self.config
+        if c.kind == "keye":
+            from kelix.tokenizer.navit import MODEL_TYPE
+
+            d = c.hf_config if c.path is None else dict(self.model.config.to_dict(), model_type=MODEL_TYPE)
+            return EncoderConfig(kind="keye", name=c.name, kwargs=dict(c.kwargs), hf_config=d)
         if c.kind == "hf":
             d = self.model.config.to_dict()
             return EncoderConfig(kind="hf", name=c.name, kwargs=dict(c.kwargs), hf_config=d)
@@ -144,7 +176,7 @@ class VisionEncoder(nn.Module):
             if hasattr(mod, "checkpoint_filter_fn"):
                 sd = mod.checkpoint_filter_fn(sd, self.model)
         own = self.model.state_dict()
-        if self.config.kind == "hf" and not (set(sd) & set(own)):
+        if self.config.kind in ("hf", "keye") and not (set(sd) & set(own)):
             # a full vision-language checkpoint: keep its vision tower's keys
             for pre in ("vision_model.", "model.vision_model.", "vision_tower.", "model.vision_tower.", "visual."):
                 sub = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
@@ -170,6 +202,10 @@ class VisionEncoder(nn.Module):
                 raise ValueError(f"image {i}: expected [3, H, W] with H, W multiples of {p}, got {tuple(x.shape)}")
         if self.config.kind == "naflexvit":
             return self._naflex(pixels)
+        if self.config.kind == "keye":
+            from kelix.tokenizer.navit import keye_forward
+
+            return keye_forward(self.model, pixels, p)
         if self._packed_siglip():
             return self._siglip(pixels)
         out: list[torch.Tensor | None] = [None] * len(pixels)
@@ -249,7 +285,7 @@ class VisionEncoder(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """Keye-style 2x2 patch merge: LayerNorm(D), concat m*m patches, Linear -> GELU -> Linear.
+    """Keye-style 2x2 patch merge: concat m*m patches, Linear -> GELU -> Linear, after a LayerNorm.
 
     Args:
         width: ViT width D.
@@ -257,14 +293,19 @@ class PatchMerger(nn.Module):
         hidden: MLP hidden width (default m*m*D, as in Keye: 4608 for D=1152).
         out_dim: output width (default m*m*D).
         mlp: False skips the MLP (tokens are the concatenated normalised patches).
+        norm: where the LayerNorm (eps 1e-5) sits: ``patch`` (the kit's default: each patch's D
+            features, before they are concatenated) or ``concat`` (the released Kelix's: over the
+            ``m*m*D`` concatenated features of a merged token).
     """
 
     def __init__(self, width: int, merge_size: int, hidden: int | None = None, out_dim: int | None = None,
-                 mlp: bool = True):
+                 mlp: bool = True, norm: str = "patch"):
         super().__init__()
-        self.merge_size = merge_size
+        if norm not in ("patch", "concat"):
+            raise ValueError(f"merger norm {norm!r} is not patch or concat")
+        self.merge_size, self.norm_at = merge_size, norm
         cat = merge_size * merge_size * width
-        self.norm = nn.LayerNorm(width, eps=1e-5)
+        self.norm = nn.LayerNorm(width if norm == "patch" else cat, eps=1e-5)
         self.out_dim = (out_dim or cat) if mlp else cat
         self.mlp = nn.Sequential(nn.Linear(cat, hidden or cat), nn.GELU(), nn.Linear(hidden or cat, self.out_dim)) \
             if mlp else nn.Identity()
@@ -277,6 +318,6 @@ class PatchMerger(nn.Module):
             gh, gw, _ = g.shape
             if gh % m or gw % m:
                 raise ValueError(f"a {gh}x{gw} patch grid is not divisible by merge_size {m}")
-            toks.append(_merge_order(self.norm(g), m))
+            toks.append(_merge_order(self.norm(g), m) if self.norm_at == "patch" else self.norm(_merge_order(g, m)))
             sizes.append((gh // m, gw // m))
         return self.mlp(torch.cat(toks)), sizes

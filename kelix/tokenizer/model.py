@@ -64,6 +64,8 @@ class TokenizerConfig:
         merger: use the 2x2 patch-merge MLP (False: the concatenated patches feed the quantizer).
         merger_hidden: patch-merge MLP hidden width (default ``merge^2 * D``).
         merger_dim: patch-merge MLP output width (default ``merge^2 * D``).
+        merger_norm: the merger's LayerNorm on each ``patch`` before concatenation (default) or on the
+            ``concat``-enated ``merge^2 * D`` features (the released Kelix's, ``kelix convert official``).
         init_seed: seed of the random initialisation (None: the global RNG's state). With a seed every
             process building this config gets the same random weights, so ``kelix build-codebook
             --feature input`` clusters the features of exactly the tokenizer ``kelix fit`` trains (the
@@ -89,6 +91,7 @@ class TokenizerConfig:
     merger: bool = True
     merger_hidden: int | None = None
     merger_dim: int | None = None
+    merger_norm: Literal["patch", "concat"] = "patch"
     init_seed: int | None = None
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -181,7 +184,7 @@ class KelixTokenizer(nn.Module, PyTorchModelHubMixin):
         img = config.image
         self.encoder = VisionEncoder(config.encoder, img.patch_size)
         self.merger = PatchMerger(self.encoder.width, img.merge_size, config.merger_hidden, config.merger_dim,
-                                  mlp=config.merger)
+                                  mlp=config.merger, norm=config.merger_norm)
         in_dim = self.merger.out_dim
         N, d = config.N, config.d
         if config.quantizer in ("pq", "shared", "rvq"):
