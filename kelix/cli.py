@@ -28,6 +28,7 @@ KIT_VERBS: dict[str, tuple[str, str]] = {
     "export-llm": ("kelix.llm.export:main", "LLM checkpoint -> HF-style directory"),
     "export-dit": ("kelix.dit.export:main", "DiT checkpoint -> HF-style directory (EMA weights)"),
     "precompute-dit": ("kelix.dit.precompute:main", "DiT shards -> shards of VAE latents + LLM condition states"),
+    "convert": ("kelix.official.cli:main", "the released Kelix: convert official (release -> kit), convert to-official"),
     "convert-checkpoint": ("kelix.training.convert:main", "sharded (distributed) checkpoint -> HF-style directory"),
     "chat": ("kelix.pipeline_cli:chat", "answer a question about an image with an exported pipeline"),
     "generate": ("kelix.pipeline_cli:generate", "generate an image from a prompt with an exported pipeline"),

@@ -24,7 +24,7 @@ _DEC = "model.model.token_head."
 RENAMES: list[tuple[str, str, str]] = [
     ("tokenizer", _VIT + "embeddings.patch_embedding.{p}", _HFV + "embeddings.patch_embedding.{p}"),
     ("tokenizer", _VIT + "embeddings.position_embedding.weight", _HFV + "embeddings.position_embedding.weight"),
-    *[("tokenizer", _VIT + "encoder.layers.{i}.attn.%s_proj.{p}" % x, _HFV + "encoder.layers.{i}.self_attn.%s_proj.{p}" % x)
+    *[("tokenizer", _VIT + "encoder.layers.{i}.attn.X_proj.{p}".replace("X", x), _HFV + "encoder.layers.{i}.self_attn.X_proj.{p}".replace("X", x))
       for x in "qkv"],
     ("tokenizer", _VIT + "encoder.layers.{i}.attn.output_proj.{p}", _HFV + "encoder.layers.{i}.self_attn.out_proj.{p}"),
     ("tokenizer", _VIT + "encoder.layers.{i}.mlp.w1.{p}", _HFV + "encoder.layers.{i}.mlp.fc1.{p}"),
@@ -37,7 +37,7 @@ RENAMES: list[tuple[str, str, str]] = [
     ("tokenizer", "visual_tokenizer.mlp_AR.linear_2.{p}", "merger.mlp.2.{p}"),
     ("tokenizer", "visual_tokenizer.encoder.{p}", "quantizer.proj_in.{p}"),
     ("backbone", _LLM + "tok_embeddings.embed_tokens.weight", "model.embed_tokens.weight"),
-    *[("backbone", _LLM + "layers.{i}.attn.%s_proj.weight" % x, "model.layers.{i}.self_attn.%s_proj.weight" % x)
+    *[("backbone", _LLM + "layers.{i}.attn.X_proj.weight".replace("X", x), "model.layers.{i}.self_attn.X_proj.weight".replace("X", x))
       for x in "qkv"],
     ("backbone", _LLM + "layers.{i}.attn.output_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
     ("backbone", _LLM + "layers.{i}.attn.q_norm.scale", "model.layers.{i}.self_attn.q_norm.weight"),
@@ -51,7 +51,7 @@ RENAMES: list[tuple[str, str, str]] = [
     ("backbone", _LLM + "output.weight", "lm_head.weight"),  # the head forward and generate use
     ("llm", _DEC + "input_linear.{p}", "decoder.proj_in.{p}"),
     ("llm", _DEC + "output_linear.{p}", "decoder.proj_out.{p}"),
-    *[("llm", _DEC + "transformer.layers.{i}.attn.%s_proj.{p}" % x, "decoder.layers.{i}.%s_proj.{p}" % x) for x in "qkv"],
+    *[("llm", _DEC + "transformer.layers.{i}.attn.X_proj.{p}".replace("X", x), "decoder.layers.{i}.X_proj.{p}".replace("X", x)) for x in "qkv"],
     ("llm", _DEC + "transformer.layers.{i}.attn.output_proj.{p}", "decoder.layers.{i}.o_proj.{p}"),
     ("llm", _DEC + "transformer.layers.{i}.mlp.w1.weight", "decoder.layers.{i}.gate_proj.weight"),
     ("llm", _DEC + "transformer.layers.{i}.mlp.w3.weight", "decoder.layers.{i}.up_proj.weight"),
