@@ -77,7 +77,8 @@ class DiTModule(KelixModule):
             (``cond.npy`` in shards), ``LLMConditions`` (the frozen Kelix LLM on the target's codes),
             ``PromptBytesConditions`` (smoke test only). Default: pre-computed.
         flow: training timestep distribution (shift 3, logit-normal).
-        init_from: starting weights: an exported DiT directory, a ``.safetensors``, or a DiTModule ``.ckpt``
+        init_from: starting weights: an exported DiT directory, a pipeline directory (its ``dit/``: e.g.
+            ``kelix convert official``'s output), a ``.safetensors``, or a DiTModule ``.ckpt``
             (its EMA weights when present). Applied to both the weights and the EMA.
         cond_dropout: probability of replacing an item's condition by the learned null condition (CFG).
         ema_decay: EMA decay per optimizer step.
@@ -109,6 +110,9 @@ class DiTModule(KelixModule):
         self.vae_config = vae or VAEConfig()
         self.dit = KelixDiT(copy.deepcopy(dit or DiTConfig()))
         if init_from is not None:
+            from kelix.training.weights import pipeline_part
+
+            init_from = pipeline_part(init_from, "dit")  # a pipeline directory: its DiT
             missing, unexpected = self.dit.load_state_dict(dit_weights(init_from), strict=False)
             if missing or unexpected:
                 raise ValueError(f"init_from {init_from}: {len(missing)} DiT tensor(s) missing (e.g. {missing[:2]}), "

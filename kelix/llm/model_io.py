@@ -159,4 +159,5 @@ class LMDirectory(PyTorchModelHubMixin):
             raise KeyError(f"{model_id}/model.safetensors does not match the model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
         model.load_state_dict(sd, strict=False)
-        return model.eval()
+        # one dtype for the whole model: the backbone's as loaded (a bf16 release stays bf16 unless dtype says)
+        return model.to(model.backbone.dtype).eval()

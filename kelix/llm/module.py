@@ -37,7 +37,7 @@ class UnifiedLLMModule(KelixModule):
         init_from: earlier weights: a Kelix LLM directory (``export_dir`` of the previous stage,
             ``kelix export-llm`` or ``kelix unify-embeddings`` output), or a ``UnifiedLLMModule``
             checkpoint (``.ckpt``, sharded directory, ``kelix convert-checkpoint`` output); both carry
-            their config. Weights without one are loaded into the model ``lm`` builds.
+            their config. A pipeline directory (``kelix convert official``'s output) means its ``llm/``. Weights without one are loaded into the model ``lm`` builds.
         unify: if the model reads visual inputs through the stage-1 projector, switch it to the
             embedding table now (paper 4.3.3; same as ``kelix unify-embeddings``).
         visual_table: how ``unify`` fills the visual rows: ``fold`` the projectors (paper) or keep
@@ -77,6 +77,10 @@ class UnifiedLLMModule(KelixModule):
             raise ValueError(f"visual_table {visual_table!r} is not fold or random")
         if init_from is not None and not os.path.exists(init_from):
             raise FileNotFoundError(f"init_from {init_from!r} does not exist")
+        if init_from is not None:  # a pipeline directory (e.g. a converted release): its LLM
+            from kelix.training.weights import pipeline_part
+
+            init_from = pipeline_part(init_from, "llm")
         tok_path = image_tokenizer or (lm.image_tokenizer if lm is not None else None)
         if tok_path is not None and not os.path.isdir(tok_path):
             raise FileNotFoundError(f"image_tokenizer {tok_path!r} is not a directory (run kelix export-tokenizer)")

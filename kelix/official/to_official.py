@@ -82,7 +82,7 @@ def to_official(pipeline: str, out: str, dtype: str | None = None, shard_bytes: 
         slots = official_slot_keys(key, N)
         if slots is None:
             raise ReleaseError(f"{pipeline}/tokenizer: tensor {key} has no official place")
-        for (name, op), piece in zip(slots, _split(slots[0][1], t, N)):
+        for (name, _), piece in zip(slots, _split(slots[0][1], t, N)):
             writer.add(name, piece)
     del tok
     for key, t in llm_rest.items():

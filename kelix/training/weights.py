@@ -18,6 +18,18 @@ from torch import nn
 log = logging.getLogger("kelix.training")
 
 
+def pipeline_part(path: str, part: str) -> str:
+    """``path`` itself, or, for a pipeline directory (``pipeline.json``: ``kelix convert official``,
+    ``KelixPipeline.save_pretrained``), its ``part`` (``tokenizer``, ``llm`` or ``dit``) directory."""
+    file = os.path.join(path, "pipeline.json")
+    if not os.path.isfile(file):
+        return path
+    sub = json.loads(Path(file).read_text()).get(part)
+    if not sub:
+        raise FileNotFoundError(f"init_from {path!r} is a pipeline directory without a {part} part")
+    return os.path.join(path, sub)
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """All tensors stored at ``path`` (directory, ``.safetensors`` or ``.ckpt``)."""
     from safetensors.torch import load_file
