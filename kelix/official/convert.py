@@ -217,3 +217,27 @@ def convert_official(sft: str, out: str, dit: str | None = None, vae: str | None
         json.dump(pipeline, f, indent=2)
     summary.update(bytes=written, seconds=time.time() - t0, out=out)
     return summary
+
+
+def official_shapes(rel: Release, packing_rows: int = 32768) -> dict[str, tuple[int, ...]]:
+    """The release's full key/shape table for ``rel``'s config (what a complete release holds), derived
+    from the kit parts: what benchmarks and tests build release-shaped files from."""
+    want = expected_shapes(rel)
+    out: dict[str, tuple[int, ...]] = {}
+    for part, keys in want.items():
+        for k, shape in keys.items():
+            if k == POSITIONS[1]:
+                out[POSITIONS[0]] = (rel.dec["max_pos_length"], shape[1])
+                continue
+            name = official_key(part, k)
+            if name is not None:
+                out[name] = shape
+                continue
+            for name, op in official_slot_keys(k, rel.N) or []:
+                out[name] = _piece_shape(op, shape, rel.N, rel.K)
+    width, dec = rel.vision["hidden_size"], rel.dec["d_model"]
+    out["visual_tokenizer.visual.embeddings.packing_position_embedding.weight"] = (packing_rows, width)
+    out["model.model.token_head.final_norm.weight"] = (dec,)
+    out["model.model.token_head.final_norm.bias"] = (dec,)
+    out["lm_head.weight"] = out["model.model.output.weight"]
+    return out

@@ -170,3 +170,16 @@ def test_to_official_refuses_a_kit_native_pipeline(tmp_path):
     (tmp_path / "p").mkdir()
     with pytest.raises(ReleaseError, match="official.json"):
         to_official(str(tmp_path / "p"), str(tmp_path / "o"), progress=False)
+
+
+def test_layout_derived_from_config_is_the_release_table(fixture_dir, reference):
+    """The key/shape table the converter expects, derived from config.json alone, is the release's
+    (reference.json's table, which the official code wrote)."""
+    from kelix.official.config import read_release
+    from kelix.official.convert import official_shapes
+
+    meta, _ = reference
+    rel = read_release(str(fixture_dir / "sft"))
+    want = {k: tuple(v["shape"]) for k, v in meta["state_dict"].items()}
+    packing = want["visual_tokenizer.visual.embeddings.packing_position_embedding.weight"][0]
+    assert official_shapes(rel, packing_rows=packing) == want
