@@ -54,6 +54,10 @@ def test_recipe_parses(path, monkeypatch, capsys):
     assert "class_path: kelix.llm.data.LLMProcessor" in out
     if "recipes/llm/stage" in path:
         assert "precision: bf16-mixed" in out and "kelix.training.parallel.FSDP2Strategy" in out
+        import yaml
+
+        cfg = yaml.safe_load(out)  # the budget stop reaches the DataBudget callback (Table 5's tokens)
+        assert cfg["budget"]["max_tokens"] > 0 and cfg["model"]["init_args"]["optim"]["grad_clip_algorithm"] == "value"
 
 
 def _fit(recipe, *extra):
