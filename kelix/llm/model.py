@@ -261,7 +261,7 @@ class KelixLM(nn.Module, LMDirectory):
         block) on ``rows x length`` blocks: the backbone's weights (embedding tables excluded), causal
         attention within each document, the slot heads (slot 0 over text ids and sub-codebook 0, then
         K rows per further slot of a visual block) and the block decoder (one slot for a text block,
-        N for a visual one). ``square_sum``: the sum of squared document lengths (default one document
+        N for a visual one; with ``eob_scoring: full`` one more per block, every slot over every id). ``square_sum``: the sum of squared document lengths (default one document
         per row; :func:`~kelix.llm.attention.square_sum` gives it from position ids on the device);
         ``visual_blocks``: their number (default all). Both may be device tensors: no host sync."""
         cfg, v = self.backbone.config, self.vocab
@@ -271,7 +271,11 @@ class KelixLM(nn.Module, LMDirectory):
         params = sum(p.numel() for n, p in self.body.named_parameters() if "embed" not in n)
         hd = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         heads = self.hidden_size * ((v.visual_offset + v.K) * blocks + (v.N - 1) * v.K * vis)
-        dec = sum(p.numel() for p in self.decoder.parameters()) * (blocks + (v.N - 1) * vis)
+        slots = blocks + (v.N - 1) * vis
+        if self.config.eob_scoring == "full":  # one more slot per block (<eob>), each over every id
+            slots = slots + blocks
+            heads = self.hidden_size * (v.visual_offset + v.N * v.K) * slots
+        dec = sum(p.numel() for p in self.decoder.parameters()) * slots
         return 6 * (params * blocks + heads + dec) + 6 * cfg.num_hidden_layers * hd * sq  # attention: 2 matmuls, causal
 
     # -- block decoder heads (Eq. 6)
