@@ -261,8 +261,8 @@ class KelixLM(nn.Module, LMDirectory):
         block) on ``rows x length`` blocks: the backbone's weights (embedding tables excluded), causal
         attention within each document, the slot heads (slot 0 over text ids and sub-codebook 0, then
         K rows per further slot of a visual block) and the block decoder (one slot for a text block,
-        N for a visual one; with ``eob_scoring: full`` one more per block, every slot over every id). ``square_sum``: the sum of squared document lengths (default one document
-        per row; :func:`~kelix.llm.attention.square_sum` gives it from position ids on the device);
+        N for a visual one; with ``eob_scoring: full`` one more per block, every slot over every id).
+        ``square_sum``: the sum of squared document lengths (default one document per row; :func:`~kelix.llm.attention.square_sum` gives it from position ids on the device);
         ``visual_blocks``: their number (default all). Both may be device tensors: no host sync."""
         cfg, v = self.backbone.config, self.vocab
         blocks = rows * length
@@ -302,8 +302,8 @@ class KelixLM(nn.Module, LMDirectory):
     def slot_nll(self, out: torch.Tensor, slot: int, target: torch.Tensor, chunk: int | None = None,
                  full: bool = False):
         """NLL ``[P]``, hit ``[P]`` and argmax ``[P]`` (a column of ``slot_logits``, or with ``full`` of
-        :func:`~kelix.llm.eob.vocab_logits`: an id) of ``target`` (also a column index). Logits exist one chunk of rows at a time (recomputed in backward when training;
-        validation under ``no_grad`` is chunked alike): a vocabulary-wide ``[P, V]`` tensor never is."""
+        :func:`~kelix.llm.eob.vocab_logits`: an id) of ``target`` (also a column index). Logits exist one
+        chunk of rows at a time (recomputed in backward when training; validation under ``no_grad`` is chunked alike): a vocabulary-wide ``[P, V]`` tensor never is."""
         chunk = chunk or self.config.loss_chunk
 
         def f(o, t):
