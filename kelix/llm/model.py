@@ -262,7 +262,8 @@ class KelixLM(nn.Module, LMDirectory):
         attention within each document, the slot heads (slot 0 over text ids and sub-codebook 0, then
         K rows per further slot of a visual block) and the block decoder (one slot for a text block,
         N for a visual one; with ``eob_scoring: full`` one more per block, every slot over every id).
-        ``square_sum``: the sum of squared document lengths (default one document per row; :func:`~kelix.llm.attention.square_sum` gives it from position ids on the device);
+        ``square_sum``: the sum of squared document lengths (default one document per row;
+        :func:`~kelix.llm.attention.square_sum` gives it from position ids on the device);
         ``visual_blocks``: their number (default all). Both may be device tensors: no host sync."""
         cfg, v = self.backbone.config, self.vocab
         blocks = rows * length
