@@ -304,7 +304,8 @@ class KelixLM(nn.Module, LMDirectory):
                  full: bool = False):
         """NLL ``[P]``, hit ``[P]`` and argmax ``[P]`` (a column of ``slot_logits``, or with ``full`` of
         :func:`~kelix.llm.eob.vocab_logits`: an id) of ``target`` (also a column index). Logits exist one
-        chunk of rows at a time (recomputed in backward when training; validation under ``no_grad`` is chunked alike): a vocabulary-wide ``[P, V]`` tensor never is."""
+        chunk of rows at a time (recomputed in backward when training; validation under ``no_grad`` is
+        chunked alike): a vocabulary-wide ``[P, V]`` tensor never is."""
         chunk = chunk or self.config.loss_chunk
 
         def f(o, t):
@@ -410,8 +411,8 @@ class KelixLM(nn.Module, LMDirectory):
     def _slot_predictions(self, out0, vout, labels0, is_vis, vis_codes, where, hidden, return_logits, eout=None):
         N, K, full = self.vocab.N, self.vocab.K, eout is not None
         nll0, hit0, arg0 = self.slot_nll(out0, 0, labels0, full=full)
-        per_slot = [self.slot_nll(vout[:, j], j, code_ids(self, vis_codes, j) if full else vis_codes[:, j], full=full)
-                    for j in range(1, N)]
+        per_slot = [self.slot_nll(vout[:, j], j, code_ids(self, vis_codes, j) if full else vis_codes[:, j],
+                                  full=full) for j in range(1, N)]
         if per_slot:
             nll_c, hit_c = torch.stack([p[0] for p in per_slot], 1), torch.stack([p[1] for p in per_slot], 1)
         else:
