@@ -66,6 +66,8 @@ class DiTProcessor(Processor):
         aspect_range: skip source images whose width/height is outside ``[lo, hi]`` (pretraining: 0.67-1.5).
         min_source_side: skip images whose shorter side is below this, so targets are never upsampled
             (SFT: 1024 with ``aspect_range: [1.0, 1.0]`` keeps 1024x1024 sources only).
+        max_source_side: skip images whose longer side is above this (None: no limit); the official SFT
+            keeps sides of 512 to 1,536 (``valid_hw_range``).
         resize: ``resize`` squashes the whole image to the square (paper); ``center_crop`` crops first.
             Target and condition image get the same transform, so their layouts match; under ``center_crop``
             pre-tokenized codes (made from the whole image) are used for square sources only, other
@@ -84,7 +86,7 @@ class DiTProcessor(Processor):
 
     def __init__(self, target_size: int = 1024, condition_size: int = 504,
                  aspect_range: tuple[float, float] | None = None, min_source_side: int = 0,
-                 resize: Literal["resize", "center_crop"] = "resize",
+                 max_source_side: int | None = None, resize: Literal["resize", "center_crop"] = "resize",
                  target: Literal["pixels", "latents"] = "pixels",
                  condition: Literal["precomputed", "llm", "prompt"] = "precomputed",
                  max_condition_length: int = 720, token_size: int = 28):
@@ -98,7 +100,7 @@ class DiTProcessor(Processor):
                 raise ValueError(f"DiTProcessor.{name} {value!r} is not one of {', '.join(options)}")
         self.target_size, self.condition_size = target_size, condition_size
         self.aspect_range = tuple(aspect_range) if aspect_range is not None else None
-        self.min_source_side, self.resize = min_source_side, resize
+        self.min_source_side, self.max_source_side, self.resize = min_source_side, max_source_side, resize
         self.target, self.condition, self.max_condition_length = target, condition, max_condition_length
         if condition == "llm" and (token_size < 1 or condition_size % token_size):
             raise ValueError(f"DiTProcessor.condition_size {condition_size} is not a multiple of token_size {token_size}")
@@ -110,6 +112,8 @@ class DiTProcessor(Processor):
             raise SampleError("aspect_ratio", f"{where}: image {w}x{h} has aspect {w / h:.2f} outside {list(self.aspect_range)}")
         if min(w, h) < self.min_source_side:
             raise SampleError("too_small", f"{where}: image {w}x{h} is smaller than min_source_side {self.min_source_side}")
+        if self.max_source_side is not None and max(w, h) > self.max_source_side:
+            raise SampleError("too_large", f"{where}: image {w}x{h} is larger than max_source_side {self.max_source_side}")
 
     def __call__(self, sample: Sample) -> dict:
         where = f"{sample.shard}:{sample.key}"

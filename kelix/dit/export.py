@@ -80,6 +80,8 @@ def read_checkpoint(path: str, weights: str = "ema") -> tuple[dict, dict[str, to
     sd, meta = read_any(path)
     if "kelix_dit" not in meta:
         raise ValueError(f"{path} is not a DiTModule checkpoint (no 'kelix_dit' entry in its metadata)")
+    if weights == "ema" and not any(k.startswith(prefix) for k in sd):
+        prefix = "dit."  # trained without an EMA (ema_decay: null): the live weights are the result
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not sd:
         raise ValueError(f"{path}: no '{prefix}*' tensors in the state dict")

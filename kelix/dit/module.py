@@ -81,7 +81,8 @@ class DiTModule(KelixModule):
             ``kelix convert official``'s output), a ``.safetensors``, or a DiTModule ``.ckpt``
             (its EMA weights when present). Applied to both the weights and the EMA.
         cond_dropout: probability of replacing an item's condition by the learned null condition (CFG).
-        ema_decay: EMA decay per optimizer step.
+        ema_decay: EMA decay per optimizer step; None: no EMA (the official runs keep none): no second copy of
+            the weights, and validation, samples and the export use the live weights.
         ema_warmup: decay ``min(ema_decay, (1 + n) / (10 + n))`` at step ``n``, so the EMA follows early training.
         sample_every_n_steps: log a grid of EMA samples every this many optimizer steps (0: never); also at the end.
         num_samples: images in the grid (the first items of the first training batch, then fixed).
@@ -90,20 +91,22 @@ class DiTModule(KelixModule):
         val_weights: which weights the validation (and test) loss is computed with: ``ema`` (default, the
             weights the samples and the export use) or ``live`` (the weights being trained).
         export_dir: when fit ends, write the de-tokenizer here (EMA weights, ``vae/``, ``flow.json``;
-            what ``kelix export-dit`` writes from a checkpoint).
+            what ``kelix export-dit`` writes from a checkpoint); with an EMA, the live weights go to
+            ``<export_dir>_live`` beside it, so both can be evaluated.
         **kwargs: :class:`~kelix.training.module.KelixModule` options (``optim``, ``nonfinite``...).
     """
 
     def __init__(self, dit: DiTConfig | None = None, vae: VAEConfig | None = None,
                  condition: ConditionProvider | None = None, flow: FlowConfig | None = None,
-                 init_from: str | None = None, cond_dropout: float = 0.1, ema_decay: float = 0.9999,
+                 init_from: str | None = None, cond_dropout: float = 0.1, ema_decay: float | None = 0.9999,
                  ema_warmup: bool = True, sample_every_n_steps: int = 1000, num_samples: int = 4,
                  sample_steps: int = 20, sample_cfg: float = 4.5, val_weights: Literal["ema", "live"] = "ema",
                  export_dir: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
-        decay_at(0, ema_decay)  # validates the decay
+        if ema_decay is not None:
+            decay_at(0, ema_decay)  # validates the decay
         if val_weights not in ("ema", "live"):
             raise ValueError(f"val_weights {val_weights!r} is not 'ema' or 'live'")
         self.flow = flow or FlowConfig()
@@ -118,7 +121,7 @@ class DiTModule(KelixModule):
                 raise ValueError(f"init_from {init_from}: {len(missing)} DiT tensor(s) missing (e.g. {missing[:2]}), "
                                  f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
             log.info("DiT weights loaded from %s", init_from)
-        self.ema = copy.deepcopy(self.dit).requires_grad_(False)
+        self.ema = copy.deepcopy(self.dit).requires_grad_(False) if ema_decay is not None else None
         condition = condition if condition is not None else PrecomputedConditions()
         vae_model = load_vae(self.vae_config)
         if vae_model.latent_channels != self.dit.latent_channels:
@@ -139,7 +142,12 @@ class DiTModule(KelixModule):
 
     # -- parallelism: both copies sharded block by block, identically (the EMA update is shard-local)
     def parallel_blocks(self) -> list[nn.Module]:
-        return self.dit.blocks() + self.ema.blocks()
+        return self.dit.blocks() + (self.ema.blocks() if self.ema is not None else [])
+
+    @property
+    def averaged(self) -> KelixDiT:
+        """The weights samples and the export use: the EMA, or the live weights without one."""
+        return self.ema if self.ema is not None else self.dit
 
     # -- randomness: its own stream per rank (seed_everything gives every rank the same global seed)
     def _rng(self) -> torch.Generator:
@@ -184,7 +192,7 @@ class DiTModule(KelixModule):
             noise = torch.randn((k * b, *x0.shape[1:]), generator=g).to(self.device)
             x0, states, mask = x0.repeat(k, 1, 1, 1), states.repeat(k, 1, 1), mask.repeat(k, 1)
         x_t = add_noise(x0, noise, sigma)
-        net = self.ema if split != "train" and self.val_weights == "ema" else self.dit
+        net = self.averaged if split != "train" and self.val_weights == "ema" else self.dit
         v = net(x_t, sigma * cfg.num_train_timesteps, states, mask, drop)
         per_item = (v.float() - velocity_target(x0, noise)).pow(2).mean(dim=tuple(range(1, x0.ndim)))
         out = {"loss": per_item.mean()}
@@ -204,7 +212,8 @@ class DiTModule(KelixModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         step = self.global_step + 1  # the trainer counts this step only after the hook returns
-        ema_update_(self.ema, self.dit, decay_at(step - 1, self.ema_decay, self.ema_warmup))
+        if self.ema is not None:
+            ema_update_(self.ema, self.dit, decay_at(step - 1, self.ema_decay, self.ema_warmup))
         self._ema_step = step
 
     # -- sample images, after each optimizer step
@@ -219,6 +228,8 @@ class DiTModule(KelixModule):
             self.log_samples()
         if self.export_dir:
             self.export(self.export_dir)
+            if self.ema is not None:
+                self.export(self.export_dir.rstrip("/\\") + "_live", weights="live")
 
     @torch.no_grad()
     def log_samples(self) -> torch.Tensor | None:
@@ -230,15 +241,16 @@ class DiTModule(KelixModule):
             return None
         self._sampled_at = self.global_step
         states, mask, x0 = self._sample_ref
-        was_training = self.ema.training
-        self.ema.eval()
+        net = self.averaged
+        was_training = net.training
+        net.eval()
         ctx = self.trainer.precision_plugin.forward_context() if self._trainer is not None else torch.autocast("cpu", enabled=False)
         with ctx:
-            lat = sample_latents(self.ema, states, mask, latent_size=tuple(x0.shape[-2:]), steps=self.sample_steps,
+            lat = sample_latents(net, states, mask, latent_size=tuple(x0.shape[-2:]), steps=self.sample_steps,
                                  cfg_scale=self.sample_cfg, shift=self.flow.shift, seed=0,
                                  num_train_timesteps=self.flow.num_train_timesteps)
-        reshard(self.ema)
-        self.ema.train(was_training)
+        reshard(net)
+        net.train(was_training)
         vae = self.frozen.to(self.device).vae
         grid = image_grid([vae.decode(x0), vae.decode(lat)])
         logger = self.logger if self._trainer is not None else None
@@ -263,7 +275,7 @@ class DiTModule(KelixModule):
         weights are gathered); rank 0 writes."""
         from kelix.dit.export import write_export
 
-        net = self.ema if weights == "ema" else self.dit
+        net = self.averaged if weights == "ema" else self.dit
         sd = None
         if self.device_mesh is not None:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

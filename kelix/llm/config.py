@@ -33,13 +33,18 @@ class LLMConfig:
         decoder_width: block decoder width (official 512).
         decoder_layers: block decoder layers (official 1).
         decoder_heads: block decoder attention heads (official 4).
-        decoder_ffn: block decoder SwiGLU intermediate size (the release: 2048).
         decoder_kind: ``qwen3`` (the kit's default: a transformers Qwen3 block, RMSNorm, RoPE over the
             slots) or ``release`` (the released Kelix's: LayerNorm pre-LN, attention with biases,
             learned slot positions for N+1 slots; :mod:`kelix.llm.decoder_release`). Choose ``release``
             to hold or fine-tune the released weights (``kelix convert official`` sets it).
         eob_token_id: use this existing text id as ``<eob>`` instead of adding a ``<|eob|>`` token (the
             release's ``q_eos_token``, a trained row; a new token's row would start untrained).
+        decoder_ffn: block decoder SwiGLU intermediate size (the official release: 2048).
+        eob_scoring: ``implied`` (Eq. 6 as the paper writes it: each slot scored over the ids legal in it,
+            ``<eob>`` given by the block kind, NLL 0) or ``full`` (the official loss: every slot scored over
+            the whole vocabulary, and ``<eob>`` predicted by one more block-decoder position, after a text
+            block's token or a visual block's N codes; the decoder then has N+1 positions). Generation is
+            the same either way. ``full`` costs a vocabulary-wide head per slot.
         dtype: backbone weight dtype when loading (``float32`` for training with bf16-mixed).
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (default: flash when
             installed on a GPU, else sdpa).
@@ -84,6 +89,7 @@ class LLMConfig:
     decoder_ffn: int = 1536
     decoder_kind: Literal["qwen3", "release"] = "qwen3"
     eob_token_id: int | None = None
+    eob_scoring: Literal["implied", "full"] = "implied"
     dtype: str | None = None
     attn_implementation: str | None = None
     packed_attention: Literal["auto", "mask", "varlen"] = "auto"
@@ -110,6 +116,10 @@ class LLMConfig:
             raise ValueError(f"lm.visual_init_mass {self.visual_init_mass} is not in (0, 1)")
         if self.packed_attention not in ("auto", "mask", "varlen"):
             raise ValueError(f"lm.packed_attention {self.packed_attention!r} is not auto, mask or varlen")
+        if self.eob_scoring not in ("implied", "full"):
+            raise ValueError(f"lm.eob_scoring {self.eob_scoring!r} is not implied or full")
+        if self.eob_scoring == "full" and self.predictor != "block_decoder":
+            raise ValueError("lm.eob_scoring full needs predictor: block_decoder (the heads have no <eob> position)")
         if self.loss_chunk < 1:
             raise ValueError(f"lm.loss_chunk {self.loss_chunk} must be at least 1")
 
@@ -127,6 +137,8 @@ class BlockPrediction:
         nll_codes: ``[Pv, N-1]`` NLL of slots 1..N-1 of visual targets.
         hit_codes: ``[Pv, N-1]`` their argmax is right.
         code_labels: ``[Pv, N-1]`` their codes (0..K-1).
+        nll_eob: ``[P]`` NLL of each target block's ``<eob>`` (``eob_scoring: full``; else None). With
+            ``full``, ``nll0`` and ``nll_codes`` are over the whole vocabulary too and ``argmax0`` is an id.
         where: ``(row, position)`` of each target's predicting hidden state.
         hidden: ``[B, L, D]`` pre-norm hidden states (``return_hidden``).
         logits0: ``[P, visual_offset + K]`` slot-0 logits (``return_logits``; never kept in training).
@@ -148,3 +160,4 @@ class BlockPrediction:
     logits0: torch.Tensor | None = None
     code_logits: torch.Tensor | None = None
     plan: dict | None = None
+    nll_eob: torch.Tensor | None = None

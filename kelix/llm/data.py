@@ -119,8 +119,9 @@ class LLMProcessor(Processor):
         eob_token_id: an existing text id used as ``<eob>`` (must match ``lm.eob_token_id``; a converted
             release's ``q_eos``), so the processor's tokenizer gets no ``<|eob|>`` of its own.
         prompt_dropout: probability that a text-to-image sample (images in assistant turns only)
-            loses its prompt, training the unconditional branch that CFG (``cfg_scale``) reads; 0.1
-            as is common. The draw is a hash of (``prompt_dropout_seed``, shard file name, key): the
+            loses its prompt, training the unconditional branch that CFG (``cfg_scale``) reads. Default
+            0.0, as the official training code (its ``ARChatCompletionVisionDataset`` never drops a prompt);
+            0.1 is the usual choice when CFG is wanted. The draw is a hash of (``prompt_dropout_seed``, shard file name, key): the
             same samples drop on every pass, on resume, and in validation.
         prompt_dropout_seed: seed of that draw.
     """
@@ -128,7 +129,7 @@ class LLMProcessor(Processor):
     def __init__(self, text_tokenizer: str, N: int, K: int, image: ImageConfig | None = None,
                  gen_image: ImageConfig | None = None, completion_only: bool = False, max_blocks: int = 4096,
                  pack: bool = True, pad_to_multiple_of: int = 1, use_codes: bool = True,
-                 row_marker: str = "{row},{cols}", prompt_dropout: float = 0.1, prompt_dropout_seed: int = 0,
+                 row_marker: str = "{row},{cols}", prompt_dropout: float = 0.0, prompt_dropout_seed: int = 0,
                  eob_token_id: int | None = None):
         if N < 1 or K < 1:
             raise ValueError(f"processor N and K must be >= 1, got N={N}, K={K}")

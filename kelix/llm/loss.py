@@ -2,8 +2,10 @@
 (:meth:`~kelix.llm.model.KelixLM.slot_nll`, computed chunk by chunk inside the model's forward).
 
 Per target block the negative log-likelihood of its tokens: slot 0 (a text id or a code of
-sub-codebook 0), then the codes of slots 1..N-1 of a visual block. ``<eob>`` is implied by the block
-kind: its probability under the slot restriction is 1 and its NLL exactly 0, so it is not computed.
+sub-codebook 0), then the codes of slots 1..N-1 of a visual block. With ``lm.eob_scoring: implied``
+``<eob>`` is implied by the block kind: its probability under the slot restriction is 1 and its NLL
+exactly 0, so it is not computed. With ``full`` (the official loss) every token is scored over the whole
+vocabulary and the block's ``<eob>`` NLL (``pred.nll_eob``) is one more token of it, in both weightings.
 
 ``block_loss``:
 
@@ -41,16 +43,19 @@ def nbp_loss(pred: BlockPrediction, N: int, block_loss: str = "sum") -> dict[str
     else:  # the step plan's (kelix.llm.plan): counted on the host, no sync
         n_text, n_vis, text_idx, vis_idx = plan["n_text"], plan["n_visual"], plan["text"], plan["visual"]
     zero = nll0.sum() * 0.0  # keeps the graph connected when a kind is absent
+    eob = pred.nll_eob
     if block_loss == "sum":
-        total = nll0.sum() + nll_c.sum()
+        total = nll0.sum() + nll_c.sum() + (eob.sum() if eob is not None else zero)
         loss = total / max(1, n_text + n_vis)
     else:
         m_text, m_vis = 2, N + 1
         w_text, w_vis = (m_text + m_vis) / (2 * m_text), (m_text + m_vis) / (2 * m_vis)
         w0 = torch.where(vis, w_vis, w_text)
-        total = (w0 * nll0).sum() + w_vis * nll_c.sum()
+        total = (w0 * (nll0 + eob if eob is not None else nll0)).sum() + w_vis * nll_c.sum()
         loss = total / max(1, n_text * m_text + n_vis * m_vis)
     out = {"loss": loss}
+    if eob is not None:
+        out["nll_eob"] = eob.detach().mean() if eob.numel() else zero.detach()
     with torch.no_grad():
         pred0 = pred.hit0
         out["nll_text"] = nll0.index_select(0, text_idx).mean() if n_text else zero.detach()

@@ -27,6 +27,7 @@ from kelix.llm.config import BlockPrediction, LLMConfig
 from kelix.llm.decoder import BlockDecoder, ParallelHeads
 from kelix.llm.decoder_release import ReleaseBlockDecoder
 from kelix.llm.embed import ContinuousProjector, VisualProjector
+from kelix.llm.eob import code_ids, vocab_logits
 from kelix.llm.layout import Layout
 from kelix.llm.model_io import LMDirectory, fill_legacy
 from kelix.llm.plan import scatter_rows, text_only
@@ -105,7 +106,8 @@ class KelixLM(nn.Module, LMDirectory):
             self.decoder = ReleaseBlockDecoder(D, cfg.N + 1, cfg.decoder_width, cfg.decoder_layers,
                                                cfg.decoder_heads, cfg.decoder_ffn)
         else:
-            self.decoder = BlockDecoder(D, cfg.N, cfg.decoder_width, cfg.decoder_layers, cfg.decoder_heads,
+            slots = cfg.N + (cfg.eob_scoring == "full")  # full: one more position, predicting <eob>
+            self.decoder = BlockDecoder(D, slots, cfg.decoder_width, cfg.decoder_layers, cfg.decoder_heads,
                                         cfg.decoder_ffn, attn_implementation=attn if attn != "eager" else "sdpa")
         self.layout = Layout(self.text_tokenizer, cfg.row_marker, eob_id=cfg.eob_token_id)
 
@@ -264,8 +266,9 @@ class KelixLM(nn.Module, LMDirectory):
         block) on ``rows x length`` blocks: the backbone's weights (embedding tables excluded), causal
         attention within each document, the slot heads (slot 0 over text ids and sub-codebook 0, then
         K rows per further slot of a visual block) and the block decoder (one slot for a text block,
-        N for a visual one). ``square_sum``: the sum of squared document lengths (default one document
-        per row; :func:`~kelix.llm.attention.square_sum` gives it from position ids on the device);
+        N for a visual one; with ``eob_scoring: full`` one more per block, every slot over every id).
+        ``square_sum``: the sum of squared document lengths (default one document per row;
+        :func:`~kelix.llm.attention.square_sum` gives it from position ids on the device);
         ``visual_blocks``: their number (default all). Both may be device tensors: no host sync."""
         cfg, v = self.backbone.config, self.vocab
         blocks = rows * length
@@ -274,7 +277,11 @@ class KelixLM(nn.Module, LMDirectory):
         params = sum(p.numel() for n, p in self.body.named_parameters() if "embed" not in n)
         hd = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         heads = self.hidden_size * ((v.visual_offset + v.K) * blocks + (v.N - 1) * v.K * vis)
-        dec = sum(p.numel() for p in self.decoder.parameters()) * (blocks + (v.N - 1) * vis)
+        slots = blocks + (v.N - 1) * vis
+        if self.config.eob_scoring == "full":  # one more slot per block (<eob>), each over every id
+            slots = slots + blocks
+            heads = self.hidden_size * (v.visual_offset + v.N * v.K) * slots
+        dec = sum(p.numel() for p in self.decoder.parameters()) * slots
         return 6 * (params * blocks + heads + dec) + 6 * cfg.num_hidden_layers * hd * sq  # attention: 2 matmuls, causal
 
     # -- block decoder heads (Eq. 6)
@@ -298,14 +305,16 @@ class KelixLM(nn.Module, LMDirectory):
                     logits[..., banned - lo] = float("-inf")
         return logits
 
-    def slot_nll(self, out: torch.Tensor, slot: int, target: torch.Tensor, chunk: int | None = None):
-        """NLL ``[P]``, hit ``[P]`` and argmax ``[P]`` (a column of ``slot_logits``) of ``target`` (also a
-        column index). Logits exist one chunk of rows at a time (recomputed in backward when training;
-        validation under ``no_grad`` is chunked alike): a vocabulary-wide ``[P, V]`` tensor never is."""
+    def slot_nll(self, out: torch.Tensor, slot: int, target: torch.Tensor, chunk: int | None = None,
+                 full: bool = False):
+        """NLL ``[P]``, hit ``[P]`` and argmax ``[P]`` (a column of ``slot_logits``, or with ``full`` of
+        :func:`~kelix.llm.eob.vocab_logits`: an id) of ``target`` (also a column index). Logits exist one
+        chunk of rows at a time (recomputed in backward when training; validation under ``no_grad`` is
+        chunked alike): a vocabulary-wide ``[P, V]`` tensor never is."""
         chunk = chunk or self.config.loss_chunk
 
         def f(o, t):
-            logits = self.slot_logits(o, slot).float()
+            logits = (vocab_logits(self, o, slot) if full else self.slot_logits(o, slot)).float()
             best = logits.argmax(-1)
             return nn.functional.cross_entropy(logits, t, reduction="none"), best == t, best
 
@@ -341,15 +350,21 @@ class KelixLM(nn.Module, LMDirectory):
         is_vis = nxt < 0
         labels0 = torch.where(is_vis, vo + nxt_codes[:, 0].clamp(min=0), nxt)
         out0 = hs.new_zeros(hs.shape)
+        eout = hs.new_zeros(hs.shape) if self.config.eob_scoring == "full" else None
         if bool((~is_vis).any()):
-            out0[~is_vis] = self.decoder(hs[~is_vis][:, None], kind="text")[:, 0].to(out0.dtype)
+            tout = self._text_slots(hs[~is_vis], nxt[~is_vis])
+            out0[~is_vis] = tout[:, 0].to(out0.dtype)
+            if eout is not None:
+                eout[~is_vis] = tout[:, 1].to(eout.dtype)
         vis_codes = nxt_codes[is_vis]
         vout = hs.new_zeros(0, N, hs.shape[-1])
         if bool(is_vis.any()):
             vout = self._visual_slots(hs[is_vis], vis_codes)
             out0[is_vis] = vout[:, 0].to(out0.dtype)
+            if eout is not None:
+                eout[is_vis], vout = vout[:, N].to(eout.dtype), vout[:, :N]
         return self._slot_predictions(out0, vout, labels0, is_vis, vis_codes, (rows, pos),
-                                      h if return_hidden else None, return_logits)
+                                      h if return_hidden else None, return_logits, eout)
 
     def _predict_planned(self, h, tokens, codes, plan: dict, return_hidden: bool, return_logits: bool):
         """:meth:`forward`'s selection by the plan's indices (index_select / index_copy only)."""
@@ -363,34 +378,53 @@ class KelixLM(nn.Module, LMDirectory):
         is_vis = nxt < 0
         labels0 = torch.where(is_vis, vo + nxt_codes[:, 0].clamp(min=0), nxt)
         vis_codes = nxt_codes.index_select(0, vis)
-        parts, vout = [], hs.new_zeros(0, N, D)
+        parts, eob_parts, vout = [], [], hs.new_zeros(0, N, D)
         if plan["n_text"]:
-            parts.append((text, self.decoder(hs.index_select(0, text)[:, None], kind="text")[:, 0]))
+            tout = self._text_slots(hs.index_select(0, text), nxt.index_select(0, text))
+            parts.append((text, tout[:, 0]))
+            eob_parts.append((text, tout[:, -1]))
         if plan["n_visual"]:
             vout = self._visual_slots(hs.index_select(0, vis), vis_codes)
             parts.append((vis, vout[:, 0]))
+            eob_parts.append((vis, vout[:, -1]))
+            vout = vout[:, :N]
+        full = self.config.eob_scoring == "full"
         pred = self._slot_predictions(scatter_rows(hs.shape[0], parts, hs), vout, labels0, is_vis, vis_codes,
-                                      (rows, pos), h if return_hidden else None, return_logits)
+                                      (rows, pos), h if return_hidden else None, return_logits,
+                                      scatter_rows(hs.shape[0], eob_parts, hs) if full else None)
         pred.plan = plan
         return pred
 
+    def _text_slots(self, ht: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Block decoder outputs ``[Pt, 1, D]`` of text targets from their ``h [Pt, D]``; with
+        ``eob_scoring: full`` ``[Pt, 2, D]``: e(t) teacher-forced, the second predicts ``<eob>``."""
+        x = ht[:, None]
+        if self.config.eob_scoring == "full":
+            x = torch.cat([x, self.backbone.get_input_embeddings()(ids)[:, None].to(x.dtype)], 1)
+        return self.decoder(x, kind="text")
+
     def _visual_slots(self, hv: torch.Tensor, vis_codes: torch.Tensor) -> torch.Tensor:
-        """Block decoder outputs ``[Pv, N, D]`` of visual targets from their ``h [Pv, D]`` and codes."""
+        """Block decoder outputs ``[Pv, N, D]`` of visual targets from their ``h [Pv, D]`` and codes
+        (``[Pv, N+1, D]`` with ``eob_scoring: full``: the last predicts ``<eob>``)."""
         N, x = self.vocab.N, hv[:, None]
-        if N > 1:  # teacher forcing: e(c_0..c_{N-2}) after h
-            j = torch.arange(N - 1, device=hv.device).expand(x.shape[0], -1)
-            x = torch.cat([x, self.code_embed(j, vis_codes[:, : N - 1]).to(x.dtype)], 1)
+        n = N - 1 + (self.config.eob_scoring == "full")
+        if n > 0:  # teacher forcing: e(c_0..c_{n-1}) after h
+            j = torch.arange(n, device=hv.device).expand(x.shape[0], -1)
+            x = torch.cat([x, self.code_embed(j, vis_codes[:, :n]).to(x.dtype)], 1)
         return self.decoder(x, kind="visual")
 
-    def _slot_predictions(self, out0, vout, labels0, is_vis, vis_codes, where, hidden, return_logits):
-        N, K = self.vocab.N, self.vocab.K
-        nll0, hit0, arg0 = self.slot_nll(out0, 0, labels0)
-        per_slot = [self.slot_nll(vout[:, j], j, vis_codes[:, j]) for j in range(1, N)]
+    def _slot_predictions(self, out0, vout, labels0, is_vis, vis_codes, where, hidden, return_logits, eout=None):
+        N, K, full = self.vocab.N, self.vocab.K, eout is not None
+        nll0, hit0, arg0 = self.slot_nll(out0, 0, labels0, full=full)
+        per_slot = [self.slot_nll(vout[:, j], j, code_ids(self, vis_codes, j) if full else vis_codes[:, j],
+                                  full=full) for j in range(1, N)]
         if per_slot:
             nll_c, hit_c = torch.stack([p[0] for p in per_slot], 1), torch.stack([p[1] for p in per_slot], 1)
         else:
             nll_c, hit_c = nll0.new_zeros(vout.shape[0], 0), hit0.new_zeros(vout.shape[0], 0)
         pred = BlockPrediction(nll0, hit0, arg0, labels0, is_vis, nll_c, hit_c, vis_codes[:, 1:], where, hidden)
+        if full:
+            pred.nll_eob = self.slot_nll(eout, N, torch.full_like(labels0, self.vocab.eob), full=True)[0]
         if return_logits:
             pred.logits0 = self.slot_logits(out0, 0)
             pred.code_logits = (torch.stack([self.slot_logits(vout[:, j], j) for j in range(1, N)], 1) if N > 1

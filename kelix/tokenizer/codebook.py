@@ -26,6 +26,8 @@ log = logging.getLogger("kelix.tokenizer")
 # faiss warns below 39 training points per centroid: the default reservoir keeps 40 * S embeddings
 # (2.6M at S = 65,536: 12 GB of float32 at d_in = 1152)
 POINTS_PER_CENTROID = 40
+# paper 4.2.1: the centroids come from "more than 10,000,000 images": the default image budget
+PAPER_IMAGES = 10_000_000
 
 
 class Reservoir:
@@ -114,7 +116,7 @@ def _read_config(path: str) -> dict:
         k: cfg[k] for k in ("out", "samples", "max_images", "niter", "feature", "batch_size", "seed") if k in cfg}}
 
 
-def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_images: int | None = None,
+def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_images: int | None = PAPER_IMAGES,
           niter: int = 20, feature: str | None = None, batch_size: int = 32, seed: int = 0, num_workers: int = 2,
           device: str | None = None, gpu: bool | None = None) -> np.ndarray:
     """Stream ``shards`` through the tokenizer's encoder and write the k-means codebook to ``out``.
@@ -226,7 +228,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="output .safetensors (default: the recipe's tokenizer.codebook)")
     p.add_argument("--samples", type=int, help=f"patch embeddings kept for k-means (reservoir; default "
                    f"{POINTS_PER_CENTROID} x S, e.g. 2,621,440 at S = 65,536)")
-    p.add_argument("--max-images", type=int, help="stop after this many images (default: all shards once)")
+    p.add_argument("--max-images", type=int, help=f"stop after this many images (default {PAPER_IMAGES:,}, the "
+                   "paper's count; smaller shard sets are read once)")
     p.add_argument("--niter", type=int, help="k-means iterations (default 20)")
     p.add_argument("--feature", choices=["patch", "merged", "input"],
                    help="cluster ViT patch embeddings (D-d), merged m*m groups, or the quantizer's input (the "

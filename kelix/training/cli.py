@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, Progr
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from kelix.training.budget import DataBudget
 from kelix.training.callbacks import DataHealth, Throughput
 from kelix.training.checkpoint import PREEMPTED_EXIT_CODE, KelixCheckpoint, find_last_checkpoint
 from kelix.training.parallel import FSDP2Strategy  # noqa: F401  (registers strategy: fsdp2)
@@ -43,7 +44,8 @@ class KelixCLI(LightningCLI):
       file name) with the resolved config saved beside them;
     * checkpointing (:class:`~kelix.training.checkpoint.KelixCheckpoint`: atomic ``last.ckpt``,
       saved on SIGTERM; options under ``checkpoint:``), the learning-rate monitor (``lr_monitor:``),
-      throughput and data-health monitors are always on;
+      throughput and data-health monitors and the data budget (``budget:``, cumulative ``data/tokens``,
+      optional ``max_samples`` / ``max_tokens`` stop) are always on;
     * the progress bar counts optimizer steps against ``max_steps``
       (:class:`~kelix.training.progress.StepProgressBar`) and the summary lists parameters per part,
       trainable and frozen (:class:`~kelix.training.progress.PartSummary`), unless the trainer's
@@ -63,6 +65,7 @@ class KelixCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(DataHealth, "data_health")
+        parser.add_lightning_class_args(DataBudget, "budget")  # budget.max_samples / max_tokens (Table 5's units)
 
     def parse_arguments(self, parser, args):
         # `kelix fit ...` hands its whole command line over as ``args``; LightningCLI warns whenever

@@ -163,10 +163,17 @@ class KelixModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val or self.optim.grad_clip
+        algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)
+                        or self.optim.grad_clip_algorithm)
+        if algorithm not in ("norm", "value"):
+            raise ValueError(f"optim.grad_clip_algorithm {algorithm!r} is not norm or value")
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        # the logged norm is the one before clipping, whichever the algorithm
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and algorithm == "norm" else float("inf"))
+        if clip and algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, clip)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
         self.log("train/grad_norm", norm.float(), on_step=True, on_epoch=False)

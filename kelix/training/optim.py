@@ -28,7 +28,10 @@ class OptimConfig:
         min_lr_ratio: final learning rate as a fraction of the peak (cosine, linear, wsd).
         decay_steps: length of the decay phase for ``wsd``.
         total_steps: schedule length; defaults to the trainer's estimated optimizer steps.
-        grad_clip: clip the global gradient norm to this (also settable as ``trainer.gradient_clip_val``).
+        grad_clip: the clipping threshold (also settable as ``trainer.gradient_clip_val``); None: no clipping.
+        grad_clip_algorithm: ``norm`` clips the global gradient norm to ``grad_clip``; ``value`` clamps every
+            gradient element to ``[-grad_clip, grad_clip]``, as the official training scripts' ``--clip-range``
+            (``trainer.gradient_clip_algorithm``, when set, wins).
     """
 
     lr: float = 1e-4
@@ -42,6 +45,7 @@ class OptimConfig:
     decay_steps: int = 0
     total_steps: int | None = None
     grad_clip: float | None = None
+    grad_clip_algorithm: Literal["norm", "value"] = "norm"
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

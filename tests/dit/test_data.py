@@ -65,6 +65,10 @@ def test_aspect_and_size_filters():
         p(caption_sample(60, 30))
     with pytest.raises(SampleError, match="smaller than min_source_side 20"):
         p(caption_sample(19, 19))
+    big = DiTProcessor(target_size=16, max_source_side=40, condition="prompt")
+    assert big(caption_sample(40, 40))["pixels"].shape == (3, 16, 16)
+    with pytest.raises(SampleError, match="41x30 is larger than max_source_side 40"):
+        big(caption_sample(41, 30))
 
 
 def test_center_crop_keeps_the_middle():

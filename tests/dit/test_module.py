@@ -173,6 +173,37 @@ def test_export_and_load_the_detokenizer(fitted, tmp_path):
     assert torch.equal(m.ema.connector[0].weight, det.dit.connector[0].weight)
 
 
+def test_with_an_ema_fit_exports_the_live_weights_beside_it(fitted):
+    from kelix.dit.export import load_detokenizer
+
+    ckpt = torch.load(fitted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    live = load_detokenizer(str(fitted.parents[2] / "export_live"))
+    for k, v in live.dit.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][f"dit.{k}"]), k
+
+
+def test_without_an_ema_there_is_one_copy_and_everything_uses_it(tmp_path):
+    from kelix.dit.export import export, load_detokenizer
+
+    m = tiny_module(ema_decay=None)
+    assert m.ema is None and m.averaged is m.dit and m.parallel_blocks() == m.dit.blocks()
+    with torch.no_grad():
+        assert torch.equal(m.step(fixed_batch(), "val")["loss"],
+                           tiny_module(ema_decay=None, val_weights="live").step(fixed_batch(), "val")["loss"])
+    m.export(str(tmp_path / "out"))
+    got = load_detokenizer(str(tmp_path / "out")).dit.state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in m.dit.state_dict().items())
+    # export-dit of its checkpoint: the default (ema) weights are the live ones
+    ckpt = {"state_dict": {f"dit.{k}": v for k, v in m.dit.state_dict().items()}, "kelix_dit": {}}
+    m.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "no_ema.ckpt")
+    export(str(tmp_path / "no_ema.ckpt"), str(tmp_path / "out2"), with_vae=False)
+    from safetensors.torch import load_file
+
+    again = load_file(str(tmp_path / "out2" / "model.safetensors"))
+    assert all(torch.equal(v, again[k]) for k, v in m.dit.state_dict().items())
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_export_reads_a_sharded_checkpoint_directory(fitted, tmp_path):
     import torch.distributed.checkpoint as dcp

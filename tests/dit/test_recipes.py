@@ -32,13 +32,15 @@ def test_recipe_parses(recipe, capsys):
         assert proc["target_size"] == 1024 and model["dit"]["cond_dim"] == 4096
     if recipe.name == "pretrain.yaml":
         assert proc["aspect_range"] == [0.67, 1.5] and proc["condition_size"] == 504
-    if recipe.name == "sft.yaml":
-        assert proc["aspect_range"] == [0.67, 1.5] and proc["min_source_side"] == 1024
+    if recipe.name == "sft.yaml":  # the official SFT's filter (train_sft_sana.json)
+        assert proc["aspect_range"] == [0.9090909, 1.1] and (proc["min_source_side"], proc["max_source_side"]) == (512, 1536)
+    if recipe.parent.name == "dit":  # as the official runs: no EMA, clipping by value
+        assert model["ema_decay"] is None and model["optim"]["grad_clip_algorithm"] == "value"
 
 
-def test_the_sft_recipe_makes_1024_px_square_targets_of_non_square_sources(capsys):
-    """The SFT recipe's processor, as parsed: 1024x1024 targets (paper 4.4.2) from sources of any aspect in
-    0.67-1.5 with a shorter side of at least 1024 px, and the 504-px condition image."""
+def test_the_sft_recipe_makes_1024_px_square_targets_of_near_square_sources(capsys):
+    """The SFT recipe's processor, as parsed: 1024x1024 targets (paper 4.4.2) from sources of aspect
+    1/1.1-1.1 with sides of 512 to 1,536 px (the official SFT's filter), and the 504-px condition image."""
     from PIL import Image as PILImage
 
     from kelix.data.schema import Image, Part, Sample, SampleError, Turn
@@ -53,10 +55,10 @@ def test_the_sft_recipe_makes_1024_px_square_targets_of_non_square_sources(capsy
         return Sample(f"{w}x{h}", "s.tar", "messages", [Turn("user", [Part("text", text="a red square")]),
                                                          Turn("assistant", [Part("image", image=img)])], "t2i")
 
-    for w, h in ((1536, 1024), (1024, 1024), (1024, 1365), (2048, 2048)):
+    for w, h in ((1100, 1000), (1024, 1024), (512, 512), (1400, 1536)):
         item = proc(t2i(w, h))
         assert item["pixels"].shape == (3, 1024, 1024) and item["cond_image"].size == (504, 504), (w, h)
-    for (w, h), reason in (((2048, 1024), "aspect_ratio"), ((1000, 1000), "too_small")):
+    for (w, h), reason in (((1536, 1024), "aspect_ratio"), ((500, 500), "too_small"), ((2048, 2048), "too_large")):
         with pytest.raises(SampleError) as e:
             proc(t2i(w, h))
         assert e.value.reason == reason

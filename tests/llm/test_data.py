@@ -148,8 +148,8 @@ def _t2i_sample(i, shard="t2i-00000.tar", grid=(3, 3)):
 
 
 def test_prompt_dropout_is_a_deterministic_ten_percent_of_t2i_samples():
-    proc = processor(completion_only=True)
-    assert proc.prompt_dropout == 0.1
+    assert processor().prompt_dropout == 0.0  # the official code drops no prompt; CFG training is opt-in
+    proc = processor(completion_only=True, prompt_dropout=0.1)
     uncond = proc.layout.t2i_prompt("")
 
     def dropped(p, samples):
@@ -164,7 +164,7 @@ def test_prompt_dropout_is_a_deterministic_ten_percent_of_t2i_samples():
     for s in moved:
         s.shard = "/elsewhere/t2i-00000.tar"
     assert dropped(proc, moved) == got
-    other = dropped(processor(completion_only=True, prompt_dropout_seed=1), samples)
+    other = dropped(processor(completion_only=True, prompt_dropout=0.1, prompt_dropout_seed=1), samples)
     assert 0.08 < len(other) / len(samples) < 0.12 and other != got
     assert dropped(processor(completion_only=True, prompt_dropout=0.0), samples) == set()
     # understanding samples never lose their question

@@ -54,6 +54,10 @@ def test_recipe_parses(path, monkeypatch, capsys):
     assert "class_path: kelix.llm.data.LLMProcessor" in out
     if "recipes/llm/stage" in path:
         assert "precision: bf16-mixed" in out and "kelix.training.parallel.FSDP2Strategy" in out
+        import yaml
+
+        cfg = yaml.safe_load(out)  # the budget stop reaches the DataBudget callback (Table 5's tokens)
+        assert cfg["budget"]["max_tokens"] > 0 and cfg["model"]["init_args"]["optim"]["grad_clip_algorithm"] == "value"
 
 
 def _fit(recipe, *extra):
@@ -90,6 +94,10 @@ def test_quickstart_chain(tmp_path, monkeypatch, image_tokenizer):
     ea.Reload()
     scalars = set(ea.Tags()["scalars"])
     assert {"train/loss", "train/nll_text", "train/nll_visual", "perf/tokens_per_s", "val/loss"} <= scalars
+    # the run's cumulative samples and tokens (LLM positions), Table 5's units
+    assert {"data/samples", "data/tokens"} <= scalars
+    tokens = [e.value for e in ea.Scalars("data/tokens")]
+    assert tokens == sorted(tokens) and tokens[-1] > 0
     assert "train/sample/text_summary" in ea.Tags()["tensors"]
     # the checkpoint converts to the same directory
     ckpt = glob.glob("runs/llm_stage2_2/version_0/checkpoints/last*.ckpt")

@@ -127,3 +127,12 @@ def test_input_space_centroids_need_the_input_width(tmp_path):
     tok = KelixTokenizer(tiny_config(codebook=str(path)))
     with pytest.raises(ValueError, match="centroid_dim 32 is not the quantizer input width 64"):
         tok.load_init_weights()
+
+
+def test_the_default_image_budget_is_the_papers():
+    """Paper 4.2.1 clusters features of more than 10,000,000 images: build-codebook stops there by default."""
+    import inspect
+
+    from kelix.tokenizer.codebook import PAPER_IMAGES, build
+
+    assert PAPER_IMAGES == 10_000_000 and inspect.signature(build).parameters["max_images"].default == PAPER_IMAGES

@@ -28,6 +28,14 @@ def test_train_flops_by_hand():
     assert lm.train_flops(rows, L, sum(n * n for n in docs), vis) == want
     pos = torch.cat([torch.arange(n) for n in docs]).view(rows, L)
     assert int(square_sum(pos)) == sum(n * n for n in docs)
+    # eob_scoring full: one more slot per block (<eob>), every slot over all vo + N*K ids
+    full = KelixLM(LLMConfig(backbone_config=TINY_QWEN3, text_tokenizer="builtin:bytes", N=4, K=32, decoder_width=32,
+                             decoder_heads=2, decoder_ffn=64, eob_scoring="full"))
+    dec = sum(p.numel() for p in full.decoder.parameters())
+    slots = 2 * (rows * L - vis) + (N + 1) * vis
+    want = 2 * 3 * (backbone * rows * L + D * (vo + N * K) * slots + dec * slots)
+    want += 3 * c["num_hidden_layers"] * 2 * H * hd * sum(n * n for n in docs)
+    assert full.train_flops(rows, L, sum(n * n for n in docs), vis) == want
 
 
 class _Module:
