@@ -272,3 +272,25 @@ def dit_to_official(dit, base_config: dict | None = None) -> tuple[dict, dict[st
     state = {official_key(k): v for k, v in dit.state_dict().items()}
     state["pos_embed"] = torch.zeros(1, t["sample_size"] ** 2, hidden, dtype=dit.null_condition.dtype)
     return config, state
+
+
+# the release trains and samples its flow with shift 3 over 1000 timesteps (kelix_utils.py FLOW_SHIFT)
+RELEASE_FLOW = {"shift": 3.0, "num_train_timesteps": 1000}
+
+
+def export_official_dit(official_dir: str, vae_dir: str, out: str, dtype: str = "float32") -> str:
+    """Write a kit de-tokenizer directory (``kelix.dit.export`` format: the DiT, ``vae/``, ``flow.json``)
+    from an official Kelix-DiT directory and the diffusers VAE it decodes with (SANA 1.5's DC-AE).
+
+    ``load_detokenizer(out)`` reads it back; sample it with :data:`kelix.dit.sampler.RELEASE_SAMPLING`.
+    The VAE's latent channels must be the DiT's input channels (checked before anything is written).
+    """
+    from kelix.dit.export import write_export
+    from kelix.dit.vae import VAEConfig, load_vae
+
+    dit = dit_from_official(official_dir, dtype)
+    vae = load_vae(VAEConfig(path=vae_dir, dtype=dtype))
+    if vae.latent_channels != dit.latent_channels:
+        raise ValueError(f"{vae_dir}: the VAE has {vae.latent_channels} latent channels, the DiT in {official_dir} "
+                         f"takes {dit.latent_channels}")
+    return write_export(dit, vae, RELEASE_FLOW, out)

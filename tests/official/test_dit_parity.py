@@ -172,3 +172,27 @@ def test_a_kit_dit_without_the_release_options_is_refused_by_to_official():
                 caption_channels=16, sample_size=4)
     with pytest.raises(ValueError, match="dit.integer_timesteps"):
         dit_to_official(KelixDiT(DiTConfig(cond_dim=8, transformer=tiny)))
+
+
+def test_export_writes_a_detokenizer_directory(dit, ref, tmp_path):
+    from kelix.dit.export import load_detokenizer, save_vae
+    from kelix.dit.sampler import RELEASE_SAMPLING
+    from kelix.dit.vae import VAEConfig, load_vae
+    from kelix.official.dit import export_official_dit
+
+    channels = ref[0]["dit.x"].shape[0]
+    vae_dir = tmp_path / "vae"
+    save_vae(load_vae(VAEConfig(config={**VAEConfig().config, "latent_channels": channels})), str(vae_dir))
+    out = export_official_dit(str(FIXTURE / "dit"), str(vae_dir), str(tmp_path / "dit_out"))
+    detok = load_detokenizer(out)
+    assert detok.flow.shift == RELEASE_SAMPLING["shift"]
+    torch.testing.assert_close(_velocity(detok.dit.eval(), ref), ref[0]["dit.velocity"], **TOL)
+    t, _ = ref
+    images = detok.generate(t["dit.cond_states"][None], t["dit.cond_mask"][None].bool(), image_size=16,
+                            steps=2, cfg_scale=RELEASE_SAMPLING["cfg_scale"],
+                            sigma_schedule=RELEASE_SAMPLING["sigma_schedule"])
+    assert images.shape == (1, 3, 16, 16) and images.isfinite().all()
+    wrong = tmp_path / "vae_wrong"
+    save_vae(load_vae(VAEConfig(config={**VAEConfig().config, "latent_channels": channels + 1})), str(wrong))
+    with pytest.raises(ValueError, match="latent channels"):
+        export_official_dit(str(FIXTURE / "dit"), str(wrong), str(tmp_path / "never"))
