@@ -134,5 +134,6 @@ def test_include_end_needs_the_llm_and_its_markers(tmp_path, capsys):
     import pytest
 
     with pytest.raises(SystemExit):
-        main(["precompute-dit", "--shards", "x.tar", "--out", str(tmp_path), "--tiny-vae-seed", "0", "--include-end"])
+        main(["precompute-dit", "--shards", "x.tar", "--out", str(tmp_path), "--tiny-vae-seed", "0",
+              "--smoke-prompt-dim", "8", "--include-end"])
     assert "--include-end needs --lm" in capsys.readouterr().err
