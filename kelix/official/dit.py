@@ -5,8 +5,8 @@ layout once the keys are renamed (no tensor changes shape or layout), plus three
 as options: 2D RoPE in cross-attention (``cross_attn_rope``), integer timesteps (``integer_timesteps``)
 and a null-condition table of ``model_max_length`` rows (``null_condition_length``, its ``y_embedding``).
 
-:func:`dit_from_official` reads ``config.json`` + safetensors (one file, an index with shards, or several
-files), checks every config field and every key and shape, and refuses with one line anything it
+:func:`dit_from_official` reads ``config.json`` + safetensors (every ``*.safetensors`` of the directory, as
+the official loader), checks every config field and every key and shape, and refuses with one line anything it
 cannot reproduce; it never initialises a missing weight at random. :func:`dit_to_official` writes the
 official names and config back.
 """
@@ -155,13 +155,10 @@ def kit_config(cfg: dict, null_rows: int):
 
 
 def _weight_files(path: str) -> dict[str, str]:
-    """Official key -> safetensors file holding it (an index's weight map, else every ``*.safetensors``)."""
+    """Official key -> safetensors file holding it, over every ``*.safetensors`` of the directory (as the
+    official loader reads them; a shard index, if any, is not needed)."""
     from safetensors import safe_open
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{path!r} holds no *.safetensors weights")
@@ -175,11 +172,15 @@ def _weight_files(path: str) -> dict[str, str]:
     return where
 
 
-def _shape(file: str, key: str) -> list[int]:
+def _shapes(where: dict[str, str]) -> dict[str, list[int]]:
+    """Shape of every key, read from the files' headers (no tensor is loaded)."""
     from safetensors import safe_open
 
-    with safe_open(file, framework="pt") as f:
-        return list(f.get_slice(key).get_shape())
+    shapes = {}
+    for file in sorted(set(where.values())):
+        with safe_open(file, framework="pt") as f:
+            shapes.update({k: list(f.get_slice(k).get_shape()) for k in f.keys() if where.get(k) == file})
+    return shapes
 
 
 def dit_from_official(official_dir: str, dtype: torch.dtype | str = torch.float32):
@@ -197,25 +198,26 @@ def dit_from_official(official_dir: str, dtype: torch.dtype | str = torch.float3
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     cfg = read_official_config(official_dir)
     where = _weight_files(official_dir)
+    shapes = _shapes(where)
     null_key = "y_embedder.y_embedding"
-    if null_key not in where:
+    if null_key not in shapes:
         raise KeyError(f"{official_dir}: missing key {null_key!r}")
-    null_rows = _shape(where[null_key], null_key)[0]
+    null_rows = shapes[null_key][0]
     if null_rows != cfg["model_max_length"]:
         log.info("%s: y_embedding has %d rows, config.json model_max_length %d: the weights' %d is used "
                  "(as the official demo overrides it)", official_dir, null_rows, cfg["model_max_length"], null_rows)
     with torch.device("meta"):
         dit = KelixDiT(kit_config(cfg, null_rows))
     names = {official_key(k): k for k in dit.state_dict()}
-    missing = sorted(set(names) - set(where))
+    missing = sorted(set(names) - set(shapes))
     if missing:
         raise KeyError(f"{official_dir}: missing key {missing[0]!r} ({len(missing)} missing)")
-    extra = sorted(set(where) - set(names) - set(UNUSED_KEYS))
+    extra = sorted(set(shapes) - set(names) - set(UNUSED_KEYS))
     if extra:
         raise KeyError(f"{official_dir}: unexpected key {extra[0]!r} ({len(extra)} unexpected)")
     want = {k: list(v.shape) for k, v in dit.state_dict().items()}
     for off, kit in names.items():
-        got = _shape(where[off], off)
+        got = shapes[off]
         if got != want[kit]:
             raise ValueError(f"{official_dir}: key {off!r} has shape {got}, the config gives {want[kit]}")
     state = {}
