@@ -131,6 +131,10 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         if config.cross_attn_rope:
             from kelix.dit.rope import CrossAttnRoPEProcessor
 
+            attn = self.transformer.transformer_blocks[0].attn2 if self.transformer.transformer_blocks else None
+            if attn is not None and (attn.inner_dim // attn.heads) % 4:
+                raise ValueError("dit.cross_attn_rope needs a cross-attention head size divisible by 4, got "
+                                 f"{attn.inner_dim // attn.heads}")
             for block in self.transformer.transformer_blocks:
                 block.attn2.set_processor(CrossAttnRoPEProcessor())
 
@@ -191,11 +195,11 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
                 laid on (:func:`kelix.dit.rope.condition_positions`; None: the release's sampling grid). A
                 dropped item keeps the positions of its real condition, as the release's guidance batch does.
         """
+        enc, enc_mask = self.encode_condition(states, mask, drop)
+        if self.config.cross_attn_rope:  # from the mask before dropping: a dropped item keeps its positions
+            self._set_positions(x, states, mask, cond_grid)
         if timestep.ndim == 0:
             timestep = timestep.expand(x.shape[0])
-        if self.config.cross_attn_rope:
-            self._set_positions(x, states, mask, cond_grid)
-        enc, enc_mask = self.encode_condition(states, mask, drop)
         if self.config.integer_timesteps:
             timestep = timestep.trunc()
         timestep = timestep * self.transformer.config.timestep_scale

@@ -121,3 +121,12 @@ def test_kelix_dit_sets_the_processor_and_its_positions():
     assert not torch.allclose(a, b)  # the grid moves the condition states
     proc = dit.transformer.transformer_blocks[0].attn2.processor
     torch.testing.assert_close(proc.k, rope_cos_sin(condition_positions(mask.sum(1), 5, 720, (1, 4)), 8))
+
+
+def test_a_head_size_rope_cannot_split_is_refused_when_the_dit_is_built():
+    from kelix.dit.model import DiTConfig, KelixDiT
+    from tests.dit.conftest import COND_DIM, TINY_SANA
+
+    with pytest.raises(ValueError, match="head size divisible by 4, got 6"):
+        KelixDiT(DiTConfig(cond_dim=COND_DIM, cross_attn_rope=True,
+                           transformer={**TINY_SANA, "cross_attention_head_dim": 6}))
