@@ -153,7 +153,9 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         Args:
             states: condition states ``[B, L, D]`` (cut to ``max_condition_length``).
             mask: ``[B, L]`` bool, True where a state is real (None: all real).
-            drop: ``[B]`` bool, True where the item gets the null condition instead (CFG).
+            drop: ``[B]`` bool, True where the item gets the null condition instead (CFG). With a null
+                table (``null_condition_length``), a shorter condition is first zero-padded (masked) to the
+                table's rows, as the release pads every condition to them.
         """
         if states.ndim != 3 or states.shape[-1] != self.config.cond_dim:
             raise ValueError(f"condition states must be [B, L, {self.config.cond_dim}], got {tuple(states.shape)}")
@@ -166,6 +168,11 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         enc = self.connector(states.to(param.dtype))
         if drop is not None:
             drop = drop.to(device=enc.device, dtype=torch.bool)
+            rows = min(self.null_condition.shape[0], self.config.max_condition_length)
+            if self.null_condition.ndim == 2 and n < rows:  # a table: its rows count even past short conditions
+                enc = torch.nn.functional.pad(enc, (0, 0, 0, rows - n))
+                mask = torch.nn.functional.pad(mask, (0, rows - n), value=False)
+                n = rows
             null, null_mask = self._null_input(n, enc)
             enc = torch.where(drop[:, None, None], null.expand(b, n, -1), enc)
             mask = torch.where(drop[:, None], null_mask.expand(b, n), mask)
@@ -197,7 +204,7 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         """
         enc, enc_mask = self.encode_condition(states, mask, drop)
         if self.config.cross_attn_rope:  # from the mask before dropping: a dropped item keeps its positions
-            self._set_positions(x, states, mask, cond_grid)
+            self._set_positions(x, enc.shape[1], states, mask, cond_grid)
         if timestep.ndim == 0:
             timestep = timestep.expand(x.shape[0])
         if self.config.integer_timesteps:
@@ -206,7 +213,7 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         return self.transformer(x, encoder_hidden_states=enc, timestep=timestep,
                                 encoder_attention_mask=enc_mask.to(enc.dtype), return_dict=False)[0]
 
-    def _set_positions(self, x, states, mask, cond_grid) -> None:
+    def _set_positions(self, x, width: int, states, mask, cond_grid) -> None:
         from kelix.dit.rope import condition_positions, latent_positions, rope_cos_sin
 
         n = min(states.shape[1], self.config.max_condition_length)
@@ -216,7 +223,7 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         attn = self.transformer.transformer_blocks[0].attn2
         head_dim = attn.inner_dim // attn.heads
         q = rope_cos_sin(latent_positions(x.shape[-2] // p, x.shape[-1] // p, x.device)[None], head_dim)
-        k = rope_cos_sin(condition_positions(lengths, n, self.config.max_condition_length, cond_grid), head_dim)
+        k = rope_cos_sin(condition_positions(lengths, width, self.config.max_condition_length, cond_grid), head_dim)
         for block in self.transformer.transformer_blocks:
             block.attn2.processor.set_positions(q, k)
 

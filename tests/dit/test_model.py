@@ -124,7 +124,7 @@ def test_transformer_weights_of_a_variant(tmp_path):
 
 
 def test_null_condition_table_gives_dropped_items_its_first_rows():
-    """null_condition_length=M (the release's y_embedding): a dropped item attends to min(L, M) table rows."""
+    """null_condition_length=M (the release's y_embedding): a dropped item attends to the table's rows."""
     d = tiny_dit(null_condition_length=3)
     assert d.null_condition.shape == (3, d.caption_channels)
     states = torch.randn(2, 5, 12)
@@ -132,8 +132,11 @@ def test_null_condition_table_gives_dropped_items_its_first_rows():
     enc, mask = d.encode_condition(states, None, drop)
     assert torch.equal(enc[0, :3], d.null_condition.detach()) and (enc[0, 3:] == 0).all()
     assert mask[0].tolist() == [True, True, True, False, False] and mask[1].all()
+    # a shorter condition is padded to the table's rows (the release pads every condition to them)
     enc, mask = d.encode_condition(states[:, :2], None, drop)
-    assert torch.equal(enc[0], d.null_condition.detach()[:2]) and mask[0].all()
+    assert torch.equal(enc[0], d.null_condition.detach()) and mask.tolist() == [[True] * 3, [True, True, False]]
+    torch.testing.assert_close(enc[1, :2], d.encode_condition(states[1:, :2])[0][0])
+    assert (enc[1, 2] == 0).all()
 
 
 def test_integer_timesteps_truncate():

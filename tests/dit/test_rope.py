@@ -130,3 +130,18 @@ def test_a_head_size_rope_cannot_split_is_refused_when_the_dit_is_built():
     with pytest.raises(ValueError, match="head size divisible by 4, got 6"):
         KelixDiT(DiTConfig(cond_dim=COND_DIM, cross_attn_rope=True,
                            transformer={**TINY_SANA, "cross_attention_head_dim": 6}))
+
+
+def test_dropped_items_keep_the_positions_of_their_real_condition():
+    """As the release's guidance batch: the null input attends with the real condition's positions."""
+    from tests.dit.conftest import tiny_dit
+
+    dit = tiny_dit(cross_attn_rope=True, null_condition_length=6)
+    states = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        dit(torch.zeros(2, 4, 4, 4), torch.tensor(10.0), states, mask, drop=torch.tensor([False, True]))
+    proc = dit.transformer.transformer_blocks[0].attn2.processor
+    # padded to the table's 6 rows; item 1 placed by its 3 real states, not the 6 null rows
+    want = condition_positions(torch.tensor([5, 3]), 6, 720)
+    torch.testing.assert_close(proc.k, rope_cos_sin(want, 8))
