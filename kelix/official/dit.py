@@ -9,6 +9,12 @@ and a null-condition table of ``model_max_length`` rows (``null_condition_length
 the official loader), checks every config field and every key and shape, and refuses with one line anything it
 cannot reproduce; it never initialises a missing weight at random. :func:`dit_to_official` writes the
 official names and config back.
+
+Where the kit computes slightly differently (float32 parity on the official fixture: 3.9e-7):
+self-attention's linear-attention denominator gets diffusers' 1e-15, the release 1e-8 (a relative
+1e-8 / sum of the token weights); RoPE angles are always float32 (the release forms them in the
+activation dtype, bf16 in its demo); a dropped (unconditional) item attends to every null-table row,
+as the release's sampler does, while the release's training masked the table to the item's own length.
 """
 
 from __future__ import annotations
