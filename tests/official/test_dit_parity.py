@@ -141,11 +141,11 @@ def test_extra_key_is_refused_with_its_name(tmp_path):
 def test_wrong_shape_is_refused_with_its_name(tmp_path):
     from kelix.official.dit import dit_from_official
 
-    def transpose(sd):
+    def one_row_more(sd):  # wrong whatever the fixture's sizes
         w = sd["t_embedder.mlp.0.weight"]
-        sd["t_embedder.mlp.0.weight"] = w.t().contiguous()
+        sd["t_embedder.mlp.0.weight"] = torch.cat([w, w[:1]])
 
-    path = _copy_with(tmp_path, edit_state=transpose)
+    path = _copy_with(tmp_path, edit_state=one_row_more)
     with pytest.raises(ValueError, match="key 't_embedder.mlp.0.weight' has shape"):
         dit_from_official(path)
 
