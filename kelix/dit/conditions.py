@@ -115,12 +115,16 @@ class LLMConditions(ConditionProvider):
         include_markers: also condition on the ``<vision_start>`` and row-marker positions (the official
             model does); False keeps only the visual blocks.
         dtype: dtype of the frozen LLM and tokenizer weights.
+        include_end: also condition on the ``<vision_end>`` position (the released Kelix-DiT does; needs
+            ``include_markers``). Off: up to the block before it (this kit's default).
+        pad_to: zero-pad the states to this length (the release: its ``model_max_length``, 720), cutting
+            longer ones; None: to the longest item of the batch.
     """
 
     needs = "llm"
 
     def __init__(self, lm: str, tokenizer: str | None = None, include_markers: bool = True,
-                 dtype: str = "bfloat16"):
+                 dtype: str = "bfloat16", include_end: bool = False, pad_to: int | None = None):
         super().__init__()
         from kelix.llm.model import KelixLM
 
@@ -133,7 +137,9 @@ class LLMConditions(ConditionProvider):
             from kelix.tokenizer.model import KelixTokenizer
 
             self.tokenizer = KelixTokenizer.from_pretrained(tokenizer).to(torch_dtype).eval().requires_grad_(False)
-        self.include_markers = include_markers
+        if include_end and not include_markers:
+            raise ValueError("LLMConditions.include_end needs include_markers")
+        self.include_markers, self.include_end, self.pad_to = include_markers, include_end, pad_to
 
     @property
     def dim(self) -> int:
@@ -157,5 +163,6 @@ class LLMConditions(ConditionProvider):
                 codes[i] = c
         codes = [torch.as_tensor(c, dtype=torch.long) for c in codes]
         states, mask = image_condition_states(self.lm, list(batch["prompts"]), codes,
-                                              include_markers=self.include_markers)
+                                              include_markers=self.include_markers, include_end=self.include_end,
+                                              pad_to=self.pad_to)
         return states.float(), mask.bool()

@@ -44,12 +44,14 @@ class DeTokenizer:
 
     @torch.no_grad()
     def generate(self, states: torch.Tensor, mask: torch.Tensor | None = None, *, image_size=1024, steps: int = 20,
-                 cfg_scale: float = 4.5, seed: int = 0) -> torch.Tensor:
-        """Condition states ``[B, L, D]`` (+ mask) -> images ``[B, 3, H, W]`` in ``[-1, 1]``."""
+                 cfg_scale: float = 4.5, seed: int = 0, sigma_schedule: str = "default") -> torch.Tensor:
+        """Condition states ``[B, L, D]`` (+ mask) -> images ``[B, 3, H, W]`` in ``[-1, 1]``
+        (``sigma_schedule``: see :mod:`kelix.dit.sampler`; the release samples with ``linspace``)."""
         from kelix.dit.sampler import generate
 
         return generate(self.dit, self.vae, states, mask, image_size=image_size, steps=steps, cfg_scale=cfg_scale,
-                        shift=self.flow.shift, seed=seed, num_train_timesteps=self.flow.num_train_timesteps)
+                        shift=self.flow.shift, seed=seed, num_train_timesteps=self.flow.num_train_timesteps,
+                        sigma_schedule=sigma_schedule)
 
     def to(self, device):
         self.dit.to(device)

@@ -43,6 +43,15 @@ class DiTConfig:
             ``bf16`` reads ``diffusion_pytorch_model.bf16.safetensors``.
         connector_hidden: width of the connector's hidden layer (default: the caption width).
         max_condition_length: condition states beyond this many are cut (the official model: 720).
+        cross_attn_rope: rotate the cross-attention queries and keys by 2D positions (the released
+            Kelix-DiT's ``use_cross_attn_rope``): latent tokens by their place on the latent grid, condition
+            states by the release's rule (:mod:`kelix.dit.rope`). Off: no positions in cross-attention.
+        integer_timesteps: truncate the timestep to an integer before embedding it, as the release does
+            (737.6 is seen as 737). Off: the exact float timestep (diffusers' SANA).
+        null_condition_length: shape of the learned unconditional input for classifier-free guidance.
+            None: one token ``[C]``, the rest of a dropped item masked out (this kit's default). An int
+            ``M``: a table ``[M, C]`` (the release's ``y_embedding``, ``M = model_max_length``); a dropped
+            item attends to its first ``min(L, M)`` rows, zero-padded beyond ``M``.
     """
 
     cond_dim: int = 4096
@@ -51,12 +60,17 @@ class DiTConfig:
     transformer_variant: str | None = None
     connector_hidden: int | None = None
     max_condition_length: int = 720
+    cross_attn_rope: bool = False
+    integer_timesteps: bool = False
+    null_condition_length: int | None = None
 
     def __post_init__(self):
         if self.cond_dim < 1:
             raise ValueError(f"dit.cond_dim must be >= 1, got {self.cond_dim}")
         if self.max_condition_length < 1:
             raise ValueError(f"dit.max_condition_length must be >= 1, got {self.max_condition_length}")
+        if self.null_condition_length is not None and self.null_condition_length < 1:
+            raise ValueError(f"dit.null_condition_length must be None or >= 1, got {self.null_condition_length}")
 
 
 class Connector(nn.Sequential):
@@ -112,7 +126,17 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         self._hub_mixin_config = config
         width = self.transformer.config.caption_channels
         self.connector = Connector(config.cond_dim, width, config.connector_hidden)
-        self.null_condition = nn.Parameter(torch.randn(width) / width**0.5)
+        null_shape = (width,) if config.null_condition_length is None else (config.null_condition_length, width)
+        self.null_condition = nn.Parameter(torch.randn(null_shape) / width**0.5)
+        if config.cross_attn_rope:
+            from kelix.dit.rope import CrossAttnRoPEProcessor
+
+            attn = self.transformer.transformer_blocks[0].attn2 if self.transformer.transformer_blocks else None
+            if attn is not None and (attn.inner_dim // attn.heads) % 4:
+                raise ValueError("dit.cross_attn_rope needs a cross-attention head size divisible by 4, got "
+                                 f"{attn.inner_dim // attn.heads}")
+            for block in self.transformer.transformer_blocks:
+                block.attn2.set_processor(CrossAttnRoPEProcessor())
 
     @property
     def caption_channels(self) -> int:
@@ -129,7 +153,9 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         Args:
             states: condition states ``[B, L, D]`` (cut to ``max_condition_length``).
             mask: ``[B, L]`` bool, True where a state is real (None: all real).
-            drop: ``[B]`` bool, True where the item gets the null condition instead (CFG).
+            drop: ``[B]`` bool, True where the item gets the null condition instead (CFG). With a null
+                table (``null_condition_length``), a shorter condition is first zero-padded (masked) to the
+                table's rows, as the release pads every condition to them.
         """
         if states.ndim != 3 or states.shape[-1] != self.config.cond_dim:
             raise ValueError(f"condition states must be [B, L, {self.config.cond_dim}], got {tuple(states.shape)}")
@@ -142,29 +168,64 @@ class KelixDiT(nn.Module, PyTorchModelHubMixin):
         enc = self.connector(states.to(param.dtype))
         if drop is not None:
             drop = drop.to(device=enc.device, dtype=torch.bool)
-            null = self.null_condition.to(enc.dtype).expand(b, n, -1)
-            first = torch.zeros(b, n, dtype=torch.bool, device=enc.device)
-            first[:, 0] = True
-            enc = torch.where(drop[:, None, None], null, enc)
-            mask = torch.where(drop[:, None], first, mask)
+            rows = min(self.null_condition.shape[0], self.config.max_condition_length)
+            if self.null_condition.ndim == 2 and n < rows:  # a table: its rows count even past short conditions
+                enc = torch.nn.functional.pad(enc, (0, 0, 0, rows - n))
+                mask = torch.nn.functional.pad(mask, (0, rows - n), value=False)
+                n = rows
+            null, null_mask = self._null_input(n, enc)
+            enc = torch.where(drop[:, None, None], null.expand(b, n, -1), enc)
+            mask = torch.where(drop[:, None], null_mask.expand(b, n), mask)
         return enc, mask
 
+    def _null_input(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional input ``[1, n, C]`` and its mask ``[1, n]`` (see ``null_condition_length``)."""
+        table = self.null_condition.to(like.dtype)
+        if table.ndim == 1:  # one token; the rest masked (their values never count)
+            table = table[None]
+        m = min(n, table.shape[0])
+        null = like.new_zeros(1, n, table.shape[-1])
+        null[0, :m] = table[:m]
+        return null, (torch.arange(n, device=like.device) < m)[None]
+
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
-                mask: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, drop: torch.Tensor | None = None,
+                cond_grid: torch.Tensor | tuple[int, int] | None = None) -> torch.Tensor:
         """Velocity ``[B, C, h, w]`` at noisy latents ``x`` ``[B, C, h, w]``.
 
         Args:
             timestep: ``[B]`` or scalar, ``sigma * num_train_timesteps`` (the scheduler's timesteps); the
                 transformer sees it times its config's ``timestep_scale``, as diffusers' ``SanaPipeline``
-                feeds it, so training and every sampler share one mapping.
+                feeds it, so training and every sampler share one mapping (``integer_timesteps``: truncated first).
             states, mask, drop: see :meth:`encode_condition`.
+            cond_grid: with ``cross_attn_rope``, the ``(h, w)`` grid (or ``[B, 2]``) the condition positions are
+                laid on (:func:`kelix.dit.rope.condition_positions`; None: the release's sampling grid). A
+                dropped item keeps the positions of its real condition, as the release's guidance batch does.
         """
         enc, enc_mask = self.encode_condition(states, mask, drop)
+        if self.config.cross_attn_rope:  # from the mask before dropping: a dropped item keeps its positions
+            self._set_positions(x, enc.shape[1], states, mask, cond_grid)
         if timestep.ndim == 0:
             timestep = timestep.expand(x.shape[0])
+        if self.config.integer_timesteps:
+            timestep = timestep.trunc()
         timestep = timestep * self.transformer.config.timestep_scale
         return self.transformer(x, encoder_hidden_states=enc, timestep=timestep,
                                 encoder_attention_mask=enc_mask.to(enc.dtype), return_dict=False)[0]
+
+    def _set_positions(self, x, width: int, states, mask, cond_grid) -> None:
+        from kelix.dit.rope import condition_positions, latent_positions, rope_cos_sin
+
+        n = min(states.shape[1], self.config.max_condition_length)
+        lengths = (torch.full((states.shape[0],), n, device=states.device) if mask is None
+                   else mask[:, :n].bool().sum(1))
+        p = self.transformer.config.patch_size
+        attn = self.transformer.transformer_blocks[0].attn2
+        head_dim = attn.inner_dim // attn.heads
+        q = rope_cos_sin(latent_positions(x.shape[-2] // p, x.shape[-1] // p, x.device)[None], head_dim)
+        k = rope_cos_sin(condition_positions(lengths, width, self.config.max_condition_length, cond_grid), head_dim)
+        for block in self.transformer.transformer_blocks:
+            block.attn2.processor.set_positions(q, k)
 
     def save_pretrained(self, save_directory, *, state_dict: dict | None = None, **kwargs):
         """Write ``config.json`` + ``model.safetensors``; ``state_dict`` replaces the module's own

@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-variant", help="weights variant of --vae (e.g. bf16: diffusion_pytorch_model.bf16.safetensors)")
     p.add_argument("--tokenizer", help="exported Kelix tokenizer directory (for shards without codes; with --lm)")
     p.add_argument("--no-markers", action="store_true", help="condition on the visual blocks only (with --lm)")
+    p.add_argument("--include-end", action="store_true",
+                   help="also condition on <|vision_end|>, as the released Kelix-DiT does (with --lm)")
     p.add_argument("--target-size", type=int, default=1024)
     p.add_argument("--condition-size", type=int, default=504)
     p.add_argument("--aspect-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--part must be i/n with 0 <= i < n, got {a.part!r}")
     if a.tokenizer and not a.lm:
         p.error("--tokenizer needs --lm")
+    if a.include_end and (not a.lm or a.no_markers):
+        p.error("--include-end needs --lm and the markers (not --no-markers)")
 
     from kelix.dit.conditions import LLMConditions, PromptBytesConditions
     from kelix.dit.data import DiTProcessor
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                              max_condition_length=a.max_condition_length, token_size=a.token_size)
     vae = load_vae(VAEConfig(path=a.vae, dtype=a.dtype, variant=a.vae_variant) if a.vae else VAEConfig(seed=a.tiny_vae_seed))
     if a.lm:
-        condition = LLMConditions(a.lm, a.tokenizer, include_markers=not a.no_markers, dtype=a.dtype)
+        condition = LLMConditions(a.lm, a.tokenizer, include_markers=not a.no_markers, dtype=a.dtype,
+                                  include_end=a.include_end)
     else:
         condition = PromptBytesConditions(a.smoke_prompt_dim, max_length=a.max_condition_length)
     os.makedirs(a.out, exist_ok=True)

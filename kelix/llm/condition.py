@@ -5,6 +5,8 @@ image's positions, taken before the final norm (as the official code). Training 
 same states for known images: :func:`image_condition_states` runs the text-to-image chat sequence
 teacher-forced. A generator collects exactly these positions: the hidden state computed when each
 block from ``<|vision_start|>`` up to the block before ``<|vision_end|>`` is fed to the backbone.
+The released Kelix-DiT conditions on ``<|vision_start|>`` to ``<|vision_end|>`` inclusive, zero-padded
+to its ``model_max_length`` (720): ``include_end=True, pad_to=720``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from kelix.llm.layout import t2i_doc
 
 
 @torch.no_grad()
-def image_condition_states(lm, prompts: list[str], codes: list[torch.Tensor], include_markers: bool = True
+def image_condition_states(lm, prompts: list[str], codes: list[torch.Tensor], include_markers: bool = True,
+                           include_end: bool = False, pad_to: int | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of each image in its text-to-image sequence.
 
@@ -31,12 +34,20 @@ def image_condition_states(lm, prompts: list[str], codes: list[torch.Tensor], in
         include_markers: keep every position from ``<|vision_start|>`` up to but excluding
             ``<|vision_end|>`` (``1 + h * (w + marker blocks)`` states); False keeps only the ``h*w``
             visual blocks, in raster order.
+        include_end: with ``include_markers``, also keep the ``<|vision_end|>`` position (the released
+            Kelix-DiT's condition: ``<|vision_start|>`` to ``<|vision_end|>`` inclusive).
+        pad_to: zero-pad every item to this length ``L`` (the release pads to ``model_max_length``);
+            longer conditions are cut to it, as the release does. None: pad to the longest item.
 
     Returns:
         ``states [B, L, D]`` (pre-norm, left-aligned, zero padded) and ``mask [B, L]`` (valid positions).
     """
     if len(prompts) != len(codes):
         raise ValueError(f"{len(prompts)} prompts for {len(codes)} code grids")
+    if include_end and not include_markers:
+        raise ValueError("include_end needs include_markers (the range <|vision_start|> .. <|vision_end|>)")
+    if pad_to is not None and pad_to < 1:
+        raise ValueError(f"pad_to must be >= 1, got {pad_to}")
     N = lm.vocab.N
     docs, refs = [], []
     for p, c in zip(prompts, codes):
@@ -53,8 +64,10 @@ def image_condition_states(lm, prompts: list[str], codes: list[torch.Tensor], in
     # right padding needs no mask under causal attention: positions simply continue
     pos = torch.arange(L, device=device).expand_as(tokens)
     h, _ = lm.hidden(lm.embed_blocks(tokens, bcodes), pos)
-    picks = [list(range(r.start, r.end)) if include_markers else r.positions for r in refs]
-    width = max(len(p) for p in picks)
+    picks = [list(range(r.start, r.end + int(include_end))) if include_markers else r.positions for r in refs]
+    if pad_to is not None:
+        picks = [p[:pad_to] for p in picks]
+    width = pad_to or max(len(p) for p in picks)
     states = h.new_zeros(len(docs), width, h.shape[-1])
     mask = torch.zeros(len(docs), width, dtype=torch.bool, device=device)
     for b, idx in enumerate(picks):

@@ -121,3 +121,27 @@ def test_transformer_weights_of_a_variant(tmp_path):
     for k, v in sana.state_dict().items():
         assert torch.equal(dit.transformer.state_dict()[k].to(v.dtype), v), k
     assert dit.config.transformer_variant is None  # the saved DiT is self-contained
+
+
+def test_null_condition_table_gives_dropped_items_its_first_rows():
+    """null_condition_length=M (the release's y_embedding): a dropped item attends to the table's rows."""
+    d = tiny_dit(null_condition_length=3)
+    assert d.null_condition.shape == (3, d.caption_channels)
+    states = torch.randn(2, 5, 12)
+    drop = torch.tensor([True, False])
+    enc, mask = d.encode_condition(states, None, drop)
+    assert torch.equal(enc[0, :3], d.null_condition.detach()) and (enc[0, 3:] == 0).all()
+    assert mask[0].tolist() == [True, True, True, False, False] and mask[1].all()
+    # a shorter condition is padded to the table's rows (the release pads every condition to them)
+    enc, mask = d.encode_condition(states[:, :2], None, drop)
+    assert torch.equal(enc[0], d.null_condition.detach()) and mask.tolist() == [[True] * 3, [True, True, False]]
+    torch.testing.assert_close(enc[1, :2], d.encode_condition(states[1:, :2])[0][0])
+    assert (enc[1, 2] == 0).all()
+
+
+def test_integer_timesteps_truncate():
+    d = tiny_dit(integer_timesteps=True)
+    x, states = torch.randn(1, 4, 4, 4), torch.randn(1, 3, 12)
+    with torch.no_grad():
+        a, b, c = (d(x, torch.tensor(t), states) for t in (737.6, 737.0, 738.0))
+    assert torch.equal(a, b) and not torch.equal(a, c)

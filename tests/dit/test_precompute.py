@@ -128,3 +128,12 @@ def test_a_killed_precompute_resumed_gives_the_bytes_of_an_uninterrupted_run(syn
     m, w = (json.loads((d / "dit-000.manifest.json").read_text()) for d in (part, full))
     assert m["totals"].pop("resumed_inputs") == 1 and w["totals"].pop("resumed_inputs") == 0
     assert m == w, [(a, b) for a, b in zip(m["skipped"], w["skipped"]) if a != b]
+
+
+def test_include_end_needs_the_llm_and_its_markers(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["precompute-dit", "--shards", "x.tar", "--out", str(tmp_path), "--tiny-vae-seed", "0",
+              "--smoke-prompt-dim", "8", "--include-end"])
+    assert "--include-end needs --lm" in capsys.readouterr().err

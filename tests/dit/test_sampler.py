@@ -1,6 +1,7 @@
 """Sampler: fixed-seed determinism, any number of steps, CFG 1 = the conditional branch alone (no
 unconditional forward), CFG > 1 = the guidance formula, Euler steps = diffusers' scheduler."""
 
+import pytest
 import torch
 
 from kelix.dit.sampler import generate, image_grid, make_scheduler, sample_latents
@@ -113,3 +114,39 @@ def test_sampling_feeds_the_transformer_the_timesteps_training_uses(monkeypatch)
     assert sampled.shape == trained.shape == (3,)
     assert torch.allclose(sampled, trained, rtol=1e-6)
     assert torch.allclose(trained, sigmas * 500 * 0.25, rtol=1e-6)
+
+
+def test_release_schedule_is_shifted_linspace_sigmas():
+    """sigma_schedule='linspace': sigmas linspace(1, 1/steps, steps), shifted by 3, then a final 0."""
+    from kelix.dit.sampler import RELEASE_SAMPLING, set_schedule
+
+    assert RELEASE_SAMPLING == dict(steps=50, cfg_scale=1.0, shift=3.0, sigma_schedule="linspace")
+    sched = make_scheduler(3.0, 1000)
+    set_schedule(sched, 5, "linspace")
+    # by hand: s = 1, .8, .6, .4, .2 -> 3s / (1 + 2s)
+    want = [1.0, 2.4 / 2.6, 1.8 / 2.2, 1.2 / 1.8, 0.6 / 1.4, 0.0]
+    torch.testing.assert_close(sched.sigmas, torch.tensor(want), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sched.timesteps, torch.tensor(want[:-1]) * 1000, rtol=0, atol=1e-3)
+
+
+def test_release_sampler_calls_the_dit_at_its_timesteps_and_steps_euler(dit):
+    """A constant velocity v moves x by (0 - 1) * v in total; the DiT sees the schedule's timesteps."""
+    seen = []
+
+    class Constant(torch.nn.Module):
+        latent_channels = 4
+
+        def forward(self, x, t, states, mask=None, drop=None):
+            seen.append((t.tolist(), drop))
+            return torch.ones_like(x)
+
+    states, mask = cond()
+    noise = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(3))
+    out = sample_latents(Constant(), states, mask, latent_size=(2, 2), steps=4, cfg_scale=1.0, noise=noise,
+                         sigma_schedule="linspace")
+    torch.testing.assert_close(out, noise - 1, rtol=0, atol=1e-6)
+    # s = 1, .75, .5, .25 -> 3s / (1 + 2s) = 1, .9, .75, .5; no unconditional branch at guidance 1
+    assert [t for t, _ in seen] == [[1000.0] * 2, [900.0] * 2, [750.0] * 2, [500.0] * 2]
+    assert all(d is None for _, d in seen)
+    with pytest.raises(ValueError, match="sigma_schedule 'cosine'"):
+        sample_latents(Constant(), states, mask, latent_size=(2, 2), steps=4, sigma_schedule="cosine")
