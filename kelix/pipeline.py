@@ -37,6 +37,11 @@ class PipelineConfig:
         image_size: default output side of ``generate`` (paper: 1024).
         steps: default DiT sampling steps.
         dit_cfg_scale: default classifier-free guidance of the DiT (1: none).
+        condition_include_end: the DiT's condition runs to ``<|vision_end|>`` inclusive (the released
+            Kelix-DiT's; one more LLM step) instead of stopping before it (the kit's DiT training).
+        dit_sigma_schedule: the DiT sampler's sigmas: ``default`` (the kit's) or ``linspace`` (the
+            release's: ``linspace(1, 1/steps, steps)`` shifted by the flow's shift); see
+            :mod:`kelix.dit.sampler`.
     """
 
     condition_size: int = 504
@@ -44,6 +49,8 @@ class PipelineConfig:
     image_size: int = 1024
     steps: int = 20
     dit_cfg_scale: float = 4.5
+    condition_include_end: bool = False
+    dit_sigma_schedule: str = "default"
 
 
 class _Progress:
@@ -173,7 +180,7 @@ class KelixPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         s = sampling or Sampling(seed=seed)
         _, states, mask = generate_image(self.lm, prompts, self.grid, s, include_markers=self.config.include_markers,
-                                         progress=progress)
+                                         progress=progress, include_end=self.config.condition_include_end)
         steps = steps or self.config.steps
         cfg = self.config.dit_cfg_scale if cfg_scale is None else cfg_scale
         detok = self.detokenizer
@@ -183,6 +190,7 @@ class KelixPipeline:
             dit = _Progress(detok.dit, bar)
             images = render(dit, detok.vae, states.float(), mask, image_size=size or self.config.image_size,
                             steps=steps, cfg_scale=cfg, shift=detok.flow.shift, seed=seed,
-                            num_train_timesteps=detok.flow.num_train_timesteps)
+                            num_train_timesteps=detok.flow.num_train_timesteps,
+                            sigma_schedule=self.config.dit_sigma_schedule)
         pil = [to_pil(x) for x in images]
         return pil[0] if isinstance(prompt, str) else pil

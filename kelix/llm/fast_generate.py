@@ -307,17 +307,31 @@ class FastImageGenerator:
             for _ in range(w):
                 self._step("visual")
 
-    def result(self, include_markers: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes ``[B, h*w, N]`` and condition states ``[B, T, D]`` (visual blocks only without markers)."""
-        states = self.states[:, : self.T]
+    @torch.no_grad()
+    def end_step(self):
+        """Feed ``<|vision_end|>`` after the image: its state is the condition's last (the release's range)."""
+        lm = self.lm
+        end = torch.full((1, 1), lm.vocab.vision_end, device=self.h.device)
+        x = lm.embed_blocks(end, torch.full((1, 1, lm.vocab.N), -1, device=self.h.device))
+        self._chunk(x.expand(self.h.shape[0], -1, -1).to(self.h.dtype))
+        self.cursor += 1
+
+    def result(self, include_markers: bool, include_end: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[B, h*w, N]`` and condition states ``[B, T, D]`` (visual blocks only without markers;
+        ``<|vision_end|>``'s state last with ``include_end``, after :meth:`end_step`)."""
+        states = self.states[:, : self.T + include_end]
         if not include_markers:
-            states = states[:, torch.tensor(self.visual_at, device=states.device)]
+            keep = self.visual_at + ([self.T] if include_end else [])
+            states = states[:, torch.tensor(keep, device=states.device)]
         return self.codes.clone(), states.clone()
 
-    def run(self, embeds: torch.Tensor, mask: torch.Tensor, seed: int | None, include_markers: bool = True):
+    def run(self, embeds: torch.Tensor, mask: torch.Tensor, seed: int | None, include_markers: bool = True,
+            include_end: bool = False):
         self.prepare(embeds, mask, seed)
         self.decode()
-        return self.result(include_markers)
+        if include_end:
+            self.end_step()
+        return self.result(include_markers, include_end)
 
 
 def _generator_for(lm, key: tuple, make) -> FastImageGenerator:
@@ -332,7 +346,7 @@ def _generator_for(lm, key: tuple, make) -> FastImageGenerator:
 
 @torch.no_grad()
 def fast_generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling: Sampling | None = None,
-                        include_markers: bool = True, graphs: bool | None = None):
+                        include_markers: bool = True, graphs: bool | None = None, include_end: bool = False):
     """:func:`~kelix.llm.generate.generate_image` on the fast path (same arguments and returns).
 
     Args:
@@ -356,6 +370,6 @@ def fast_generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling:
     key = (len(prompts), P, tuple(grid), s.temperature, s.top_k, s.top_p, s.cfg_scale, use_graphs,
            torch.is_autocast_enabled(dev.type), hash(weights))
     gen = _generator_for(lm, key, lambda: FastImageGenerator(lm, len(prompts), P, tuple(grid), s, use_graphs))
-    codes, states = gen.run(embeds, mask, s.seed, include_markers)
+    codes, states = gen.run(embeds, mask, s.seed, include_markers, include_end)
     B, (h, w) = len(prompts), grid
     return codes.reshape(B, h, w, -1), states, torch.ones(states.shape[:2], dtype=torch.bool, device=dev)

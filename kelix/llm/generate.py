@@ -278,7 +278,8 @@ def generate_text(lm, docs: list[BlockDoc], max_new_blocks: int = 64, sampling: 
 @torch.no_grad()
 def generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling: Sampling | None = None,
                    use_cache: bool = True, decoder_cache: bool = True, include_markers: bool = True,
-                   progress: bool = False, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   progress: bool = False, fast: bool = False,
+                   include_end: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Generate one image's blocks per prompt.
 
     Args:
@@ -289,6 +290,8 @@ def generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling: Samp
         fast: run :mod:`kelix.llm.fast_generate` (static caches, one fixed-shape step per block, CUDA
             graphs on a GPU): greedy codes equal this path's; sampled ones are drawn by Gumbel-max from
             noise of ``sampling.seed`` (the same distribution, other draws).
+        include_end: also feed ``<|vision_end|>`` and return its state last (the released DiT's
+            condition runs to ``<|vision_end|>`` inclusive; one more backbone step).
     Returns:
         ``codes [B, h, w, N]`` (0..K-1), condition ``states [B, L, D]`` (pre-norm) and ``mask [B, L]``.
     """
@@ -298,7 +301,7 @@ def generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling: Samp
             raise ValueError("generate_image(fast=True) is a cached path: use_cache and decoder_cache must stay True")
         from kelix.llm.fast_generate import fast_generate_image
 
-        return fast_generate_image(lm, prompts, grid, s, include_markers=include_markers)
+        return fast_generate_image(lm, prompts, grid, s, include_markers=include_markers, include_end=include_end)
     lm.eval()
     h_rows, w_cols = grid
     plan = BlockDoc()
@@ -314,8 +317,9 @@ def generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling: Samp
     states, k = [], 0
     from tqdm.auto import tqdm
 
-    # the last planned block, <|vision_end|>, is not needed
-    for tok in tqdm(plan.tokens[:-1], desc="image blocks", disable=not progress, leave=False):
+    # the last planned block, <|vision_end|>, is fed only when its state is part of the condition
+    for tok in tqdm(plan.tokens if include_end else plan.tokens[:-1], desc="image blocks", disable=not progress,
+                    leave=False):
         if tok == VISUAL:
             c = draw.visual(h)
             codes[:, k] = c
@@ -324,7 +328,7 @@ def generate_image(lm, prompts: list[str], grid: tuple[int, int], sampling: Samp
         else:
             x = _embed_one(lm, torch.full((len(docs),), tok, device=device))
         h = run.step(x)
-        if include_markers or tok == VISUAL:
+        if include_markers or tok in (VISUAL, lm.vocab.vision_end):
             states.append(h[:B])
     assert k == h_rows * w_cols and ref.end == len(plan.tokens) - 1
     st = torch.stack(states, 1)

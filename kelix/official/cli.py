@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             s = to_official(args.pipeline, args.out, dtype=args.dtype, shard_bytes=int(args.shard_size * (1 << 30)),
                             dit_out=args.dit_out)
             print(f"wrote the release layout: {s['bytes'] / 2**30:.2f} GiB in {s['seconds']:.0f} s -> {s['out']}")
-    except (ReleaseError, FileNotFoundError, KeyError) as e:
+    except (ReleaseError, FileNotFoundError, KeyError, ValueError) as e:
+        if os.environ.get("KELIX_DEBUG"):
+            raise
         msg = e.args[0] if e.args else str(e)
         print(f"kelix convert: {msg}", file=sys.stderr)
         return 2

@@ -26,6 +26,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+# how the release generates (its demo: 1024 px, 50 steps, guidance 1, sigmas linspace(1, 1/50, 50), the
+# condition to <|vision_end|> inclusive); 504 px of condition = the paper's 18 x 18 grid
+RELEASE_PIPELINE = dict(condition_size=504, include_markers=True, image_size=1024, steps=50, dit_cfg_scale=1.0,
+                        condition_include_end=True, dit_sigma_schedule="linspace")
+
+
+def shape_numel(shape_dtype) -> int:
+    n = 1
+    for d in shape_dtype[0]:
+        n *= d
+    return n
 
 
 def expected_shapes(rel: Release) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -157,7 +168,17 @@ def convert_official(sft: str, out: str, dit: str | None = None, vae: str | None
     for name, p in (("--dit", dit), ("--vae", vae)):
         if p is not None and not os.path.isdir(p):
             raise ReleaseError(f"{name} {p!r} is not a directory")
+    if dit is not None and vae is None:
+        raise ReleaseError("--dit needs --vae: the DiT's VAE (SANA 1.5's DC-AE, a diffusers AutoencoderDC directory)")
     want, dropped = check_release(sft, rel)
+    summary = {}
+    pipeline = {"tokenizer": "tokenizer", "llm": "llm", "config": dict(RELEASE_PIPELINE)}
+    if dit is not None:  # checked and written first: a refused DiT leaves no half-written pipeline behind
+        from kelix.official.dit import export_official_dit, read_official_config
+
+        export_official_dit(dit, vae, os.path.join(out, "dit"), dtype=str(cast).split(".")[-1])
+        summary["dit"] = sum(shape_numel(x) for x in header_shapes(dit).values())
+        pipeline["dit"] = "dit"
     files, _ = shard_files(sft)
     tok_dir, llm_dir = os.path.join(out, "tokenizer"), os.path.join(out, "llm")
     os.makedirs(tok_dir, exist_ok=True)
@@ -202,17 +223,14 @@ def convert_official(sft: str, out: str, dit: str | None = None, vae: str | None
     _write_config(llm_dir, llm_cfg)
     copy_text_tokenizer(text_tok, llm_dir)
     written += sum(v.numel() * v.element_size() for p in parts.values() for v in p.values())
-    summary = {"tokenizer": counts["tokenizer"], "llm": counts["backbone"] + counts["llm"], "dtype": dtype}
-    pipeline = {"tokenizer": "tokenizer", "llm": "llm", "config": {}}
+    summary.update(tokenizer=counts["tokenizer"], llm=counts["backbone"] + counts["llm"], dtype=dtype)
+    meta = {"release_config": rel.raw, "dropped": dropped, "positions_rows": rel.dec["max_pos_length"],
+            "row_marker": row_marker}
     if dit is not None:
-        from kelix.official.dit_convert import convert_dit
-
-        n, b = convert_dit(dit, os.path.join(out, "dit"), vae=vae, dtype=cast)
-        summary["dit"], written = n, written + b
-        pipeline["dit"] = "dit"
+        meta["dit_config"] = read_official_config(dit)
+        written += sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(out, "dit")) for f in fs)
     with open(os.path.join(out, OFFICIAL_FILE), "w") as f:
-        json.dump({"release_config": rel.raw, "dropped": dropped, "positions_rows": rel.dec["max_pos_length"],
-                   "row_marker": row_marker}, f, indent=2)
+        json.dump(meta, f, indent=2)
     with open(os.path.join(out, "pipeline.json"), "w") as f:
         json.dump(pipeline, f, indent=2)
     summary.update(bytes=written, seconds=time.time() - t0, out=out)

@@ -41,6 +41,25 @@ def _split(op: str, t: torch.Tensor, N: int):
             yield t[j].clone()
 
 
+def _dit_to_official(pipeline: str, meta: dict, out: str) -> int:
+    """The pipeline's DiT as a Kelix-DiT (``SanaModel``) directory; bytes written."""
+    from safetensors.torch import save_file
+
+    from kelix.dit.export import load_detokenizer
+    from kelix.official.dit import dit_to_official
+
+    src = os.path.join(pipeline, "dit")
+    if not os.path.isdir(src):
+        raise ReleaseError(f"{pipeline}: no dit/ to write (--dit-out): convert the release with --dit and --vae")
+    config, state = dit_to_official(load_detokenizer(src).dit, meta.get("dit_config"))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    state = {k: v.contiguous() for k, v in state.items()}
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
 def to_official(pipeline: str, out: str, dtype: str | None = None, shard_bytes: int = 4 << 30,
                 progress: bool = True, dit_out: str | None = None) -> dict:
     """Write ``pipeline`` (a directory from ``kelix convert official``) as a release in ``out`` (and its DiT
@@ -125,7 +144,5 @@ def to_official(pipeline: str, out: str, dtype: str | None = None, shard_bytes: 
         json.dump(raw, f, indent=2)
     copy_text_tokenizer(os.path.join(pipeline, "llm"), out)
     if dit_out is not None:
-        from kelix.official.dit_convert import dit_to_official_dir
-
-        n_out += dit_to_official_dir(os.path.join(pipeline, "dit"), dit_out)
+        n_out += _dit_to_official(pipeline, meta, dit_out)
     return {"out": out, "bytes": n_out, "seconds": time.time() - t0}

@@ -123,3 +123,11 @@ def test_cuda_graphs_equal_the_eager_steps_without_a_host_sync(lm_table):
     greedy = Sampling(temperature=0.0, cfg_scale=2.0)
     assert torch.equal(generate_image(lm, PROMPTS, grid, greedy)[0].cpu(),
                        fast_generate_image(lm, PROMPTS, grid, greedy, graphs=True)[0].cpu())
+
+
+def test_fast_path_feeds_vision_end_like_the_eager_path(lm_table):
+    """include_end: one more step after the image; its state equals the eager path's."""
+    (c_e, s_e, _), (c_f, s_f, _) = _both(lm_table, PROMPTS, (3, 4), Sampling(temperature=0.0), include_end=True)
+    (_, short, _) = generate_image(lm_table, PROMPTS, (3, 4), Sampling(temperature=0.0), fast=True)
+    assert torch.equal(c_f, c_e) and s_f.shape == s_e.shape and s_f.shape[1] == short.shape[1] + 1
+    assert torch.allclose(s_f, s_e, atol=1e-4, rtol=1e-5)

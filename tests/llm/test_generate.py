@@ -200,3 +200,13 @@ def test_llm_cfg_is_the_hand_mix_of_two_teacher_forced_passes(lm):
     assert torch.equal((l_u + s * (l_c - l_u)).argmax(-1), want)
     # guidance changes the choice somewhere: the check is not the unguided argmax in disguise
     assert not torch.equal(l_c.argmax(-1), want)
+
+
+def test_generated_states_to_vision_end_equal_teacher_forced_condition(lm):
+    """The release's condition range: generation feeds <|vision_end|> and keeps its state last."""
+    prompts = ["a green triangle", "an orange circle and a red square"]
+    codes, states, _ = generate_image(lm, prompts, (2, 3), Sampling(seed=2), include_end=True)
+    tf_states, tf_mask = image_condition_states(lm, prompts, list(codes), include_end=True)
+    short, _ = image_condition_states(lm, prompts, list(codes))
+    assert tf_mask.all() and tf_states.shape == states.shape and states.shape[1] == short.shape[1] + 1
+    assert torch.allclose(states, tf_states, atol=1e-4)

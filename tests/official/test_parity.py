@@ -96,3 +96,21 @@ def test_kit_teacher_forcing_matches_official_slots(kit_lm, reference):
     for j in range(1, vocab.N):
         lo, hi = vocab.slot_ranges("visual")[j]
         close(pred.code_logits[:, j - 1], ref["llm.logits"][vis_pos, j, lo:hi], f"kit forward slot {j}")
+
+
+def test_keye_encoder_on_transformers_4_says_so_in_one_line(monkeypatch):
+    import sys
+    import types
+
+    from kelix.tokenizer.encoder import EncoderConfig, VisionEncoder
+    from kelix.tokenizer.navit import keye_vit_config
+
+    old = types.ModuleType("transformers")  # a transformers 4.x: no PaddleOCRVisionModel
+    old.__version__ = "4.56.2"
+    monkeypatch.setitem(sys.modules, "transformers", old)
+    cfg = EncoderConfig(kind="keye", hf_config=keye_vit_config(32, 48, 1, 2, 56, 14))
+    import pytest
+
+    with pytest.raises(ImportError) as e:
+        VisionEncoder(cfg, 14)
+    assert "transformers >= 5" in str(e.value) and "4.56.2" in str(e.value) and "\n" not in str(e.value)
