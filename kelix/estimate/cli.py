@@ -13,7 +13,16 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 
-from kelix.estimate.memory import GIB, H100_BF16, HEADROOM, LLMRun, Memory, dit_memory, llm_memory, llm_step_flops
+from kelix.estimate.memory import (
+    GIB,
+    H100_BF16,
+    HEADROOM,
+    LLMRun,
+    Memory,
+    dit_memory,
+    llm_memory,
+    llm_step_flops,
+)
 from kelix.estimate.recipe import RecipeError, get, load_recipe, run_shape
 
 LLM, DIT = "kelix.llm.module.UnifiedLLMModule", "kelix.dit.module.DiTModule"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 
-import torch
-
 
 def step_peak_bytes(step, tensors_alive) -> int:
     """Peak bytes while ``step()`` runs: the bytes of ``tensors_alive`` (parameters, optimizer state: allocated
