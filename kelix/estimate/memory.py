@@ -178,15 +178,18 @@ def with_shape(shape, **changes):
     return replace(shape, **changes)
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves while ``fn()`` runs (on ``meta``: shapes only), each storage once."""
+def saved_bytes(fn, params=()) -> int:
+    """Bytes of the tensors autograd saves while ``fn()`` runs (on ``meta``: shapes only), each storage once,
+    the storages of ``params`` (the weights, counted apart) left out."""
     import torch
 
     seen: dict[int, int] = {}
+    weights = {p.untyped_storage()._cdata for p in params}
 
     def pack(t):
         s = t.untyped_storage()
-        seen[s._cdata] = s.nbytes()
+        if s._cdata not in weights:
+            seen[s._cdata] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -211,13 +214,18 @@ def dit_memory(model, parts, shape, checkpointing: bool, fsdp_param_dtype: str |
     B = shape.micro_batch
 
     def trace(n_blocks: int) -> int:
+        import logging
+
         m = copy.deepcopy(tr)
         m.transformer_blocks = m.transformer_blocks[:n_blocks]
+        quiet = logging.getLogger("diffusers")
+        level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # a cast on meta needs no float32 advice
         m = m.to(dtype)
+        quiet.setLevel(level)
         x = torch.zeros(B, cfg.in_channels, side, side, device="meta", dtype=dtype)
         c = torch.zeros(B, cond_len, cfg.caption_channels, device="meta", dtype=dtype)
         t = torch.zeros(B, device="meta")
-        return saved_bytes(lambda: m(x, encoder_hidden_states=c, timestep=t))
+        return saved_bytes(lambda: m(x, encoder_hidden_states=c, timestep=t), list(m.parameters()))
 
     one, two = trace(1), trace(2)
     block, stem = two - one, 2 * one - two

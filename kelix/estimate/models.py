@@ -149,10 +149,16 @@ def tokenizer_part(path: str, name: str = "image tokenizer (frozen)") -> Part:
 
 
 def _diffusers_on_meta(cls, path: str, dtype=None):
+    import logging
+
     config = cls.load_config(path)
     with torch.device("meta"):
         model = cls.from_config(config)
-    return model.to(dtype) if dtype is not None else model
+    quiet = logging.getLogger("diffusers")
+    level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # a cast on meta needs no float32 advice
+    model = model.to(dtype) if dtype is not None else model
+    quiet.setLevel(level)
+    return model
 
 
 def dit_parts(init_args: dict):
