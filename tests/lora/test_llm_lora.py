@@ -82,7 +82,7 @@ def test_an_unknown_target_module_is_named():
         apply_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoRAConfig(target_modules=["qkv"]))
 
 
-def test_merged_export_has_the_adapter_models_logits(base_dir, tmp_path):
+def test_merged_export_has_the_adapter_models_logits(base_dir, tok_dir, tmp_path):
     from kelix.llm.export import main as export_main
     from kelix.llm.model import KelixLM
 
@@ -105,6 +105,10 @@ def test_merged_export_has_the_adapter_models_logits(base_dir, tmp_path):
     torch.testing.assert_close(b.logits0, a.logits0, atol=1e-5, rtol=0)
     torch.testing.assert_close(b.code_logits, a.code_logits, atol=1e-5, rtol=0)
     assert (base.code_logits - a.code_logits).abs().max() > 1e-2  # the adapters (and the rows) changed the model
+    from kelix.pipeline import KelixPipeline  # the pipeline takes it as any exported LLM
+
+    pipe = KelixPipeline.from_pretrained(tokenizer=tok_dir, llm=str(tmp_path / "merged"), dit=False)
+    assert isinstance(pipe.understand([], "hello", max_new_tokens=2), str)
 
 
 def test_merge_in_place_equals_the_state_dict_merge():
