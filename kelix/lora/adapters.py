@@ -29,7 +29,8 @@ class LoRAConfig:
         train_visual_head: (LLM) the LM head's S = N*K visual rows and the slot-0 ``visual_bias`` train; its
             text rows stay bit-identical (their gradient is zeroed, and the head gets no weight decay).
         train_embeddings: (LLM) the input embedding table (text and visual rows, and a stage-1 projector) trains.
-        train_connector: (DiT) the condition connector trains in full.
+        train_connector: (DiT) the condition connector and the learned null condition train in full. For the
+            DiT name its SANA layers in ``target_modules``, e.g. ``[to_q, to_k, to_v, to_out.0]``.
     """
 
     r: int = 16
@@ -61,11 +62,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     A target that matches nothing is an error naming it."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in cfg.target_modules if t not in linear]
-    if missing:
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:  # peft matches a target against the end of a module's name
+        names = sorted({n.split(".", 2)[-1] if n.count(".") > 1 else n for n in linear})
         raise ValueError(f"lora.target_modules {missing} match no linear layer of {type(model).__name__} "
-                         f"(its linear layers: {sorted(linear)})")
+                         f"(its linear layers end in: {names[:12]})")
     peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
                           use_rslora=cfg.rslora, bias="none")
     inject_adapter_in_model(peft_cfg, model, adapter_name=ADAPTER)
