@@ -135,13 +135,14 @@ def _knobs(est: Estimate, mem, shape, ckpt: bool, kind: str, init_args: dict, ar
             what = "trainer.strategy: fsdp2 on" if shape.strategy != "fsdp2" else "FSDP2 over"
             knobs.append((f"{what} {g} GPUs", m.total / GIB))
             break
-    if kind == LLM and not init_args.get("lora"):
+    if kind == LLM and init_args.get("lora") is None:
         from kelix.estimate.models import llm_parts
 
         parts, lm = llm_parts({**init_args, "lora": {}})
         m = llm_memory(lm, parts, shape, LLMRun(ckpt, init_args.get("fsdp_param_dtype"), args.visual_frac))
         if ok(m):
-            knobs.append(("model.init_args.lora: {} (LoRA, r=16, on the backbone)", m.total / GIB))
+            knobs.append(("model.init_args.lora: {} (LoRA r=16 on the backbone; lm.dtype bfloat16 halves the frozen base)",
+                          m.total / GIB))
     return knobs
 
 

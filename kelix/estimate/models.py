@@ -113,7 +113,7 @@ def llm_parts(init_args: dict):
     if init_args.get("freeze_lm_head"):
         lm.lm_head.requires_grad_(False)
         lm.visual_bias.requires_grad_(False)
-    if init_args.get("lora"):
+    if init_args.get("lora") is not None:  # {}: LoRA with its defaults
         apply_llm_lora(lm, LoRAConfig(**init_args["lora"]))
     emb, head = lm.backbone.get_input_embeddings(), lm.lm_head
     lora = [p for n, p in lm.named_parameters() if ".lora_" in n]
@@ -128,7 +128,7 @@ def llm_parts(init_args: dict):
     if lm.visual is not None:
         parts.append(Part("visual projector", list(lm.visual.parameters())))
     if lora:
-        parts.append(Part("LoRA adapters", lora, note=f"r={init_args['lora'].get('r', 16)}"))
+        parts.append(Part("LoRA adapters", lora, note=f"r={LoRAConfig(**init_args['lora']).r}"))
     tok = init_args.get("image_tokenizer") or (init_args.get("lm") or {}).get("image_tokenizer")
     if tok:
         parts.append(tokenizer_part(tok))

@@ -50,3 +50,25 @@ def test_the_lora_recipe_trains_a_small_share(release):
     trainable, frozen = sum(p.trainable for p in est.parts), sum(p.frozen for p in est.parts)
     assert 0 < trainable < 0.01 * frozen
     assert est.shape.gpus == 1 and est.shape.strategy == "single"
+
+
+def test_full_sft_on_one_gpu_is_refused_with_fsdp2_and_lora_named(release, capsys):
+    from kelix.estimate.cli import main
+
+    path = os.path.join(ROOT, "recipes/official/sft.yaml")
+    est = estimate([path], gpus=1)
+    assert not est.fits
+    knobs = dict(est.knobs)
+    assert any(k.startswith("FSDP2 over ") for k in knobs)
+    assert any(k.startswith("model.init_args.lora: {}") for k in knobs)  # LoRA alone fits one GPU
+    assert main(["--config", path, "--gpus", "1"]) == 1
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_without_the_converted_release_the_estimate_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    from kelix.estimate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", os.path.join(ROOT, "recipes/official/sft_lora.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "init_from 'exports/kelix/llm' is not a Kelix LLM directory" in err and "kelix convert official" in err
