@@ -16,7 +16,7 @@ BACKBONE = dict(model_type="qwen3", vocab_size=512, hidden_size=256, intermediat
                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
                 tie_word_embeddings=True)
 LM = dict(N=4, K=256, visual_input="table", decoder_width=64, decoder_heads=2, decoder_ffn=128)
-ROWS, LENGTH = 2, 512
+ROWS, LENGTH = 2, 256
 
 
 def _measure(checkpointing: bool, lora: dict | None) -> int:
