@@ -128,3 +128,17 @@ def test_merge_in_place_equals_the_state_dict_merge():
     assert set(by_sd) == set(net.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert all(torch.equal(by_sd[k], v) for k, v in net.state_dict().items())
     torch.testing.assert_close(net(x), want, atol=1e-6, rtol=0)
+
+
+def test_activation_checkpointing_under_lora_gives_the_same_gradients(base_dir):
+    plain, ckpt = _module(base_dir), _module(base_dir)
+    ckpt.activation_checkpointing = True
+    ckpt.configure_model()
+    batch = doc_batch(plain.lm, seed=1)
+    for m in (plain, ckpt):
+        m.step(batch, "train")["loss"].backward()
+    a = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    b = {n: p.grad for n, p in ckpt.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and all(g is not None for g in a.values())
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], atol=1e-6, rtol=1e-5)
