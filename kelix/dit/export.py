@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,14 +101,36 @@ def write_export(net, vae, flow: dict, out: str, state_dict: dict | None = None)
     return out
 
 
-def export(ckpt: str, out: str, weights: str = "ema", with_vae: bool = True) -> str:
-    """Write ``out`` from ``ckpt`` (see module docstring); returns ``out``."""
+def export(ckpt: str, out: str, weights: str = "ema", with_vae: bool = True, merge_lora: bool = False,
+           base: str | None = None) -> str:
+    """Write ``out`` from ``ckpt`` (see module docstring); returns ``out``. A LoRA run's checkpoint needs
+    ``merge_lora``: its base (``base``, default the run's ``init_from``) is loaded, the adapters injected and
+    folded into the weights."""
     from kelix.dit.model import DiTConfig, KelixDiT
     from kelix.dit.vae import VAEConfig, load_vae
 
     meta, sd = read_checkpoint(ckpt, weights)
     net = KelixDiT(DiTConfig(**meta["dit"]))
-    net.load_state_dict(sd, strict=True)
+    lora = meta.get("lora")
+    if bool(lora) != merge_lora:
+        raise ValueError(f"{ckpt} holds LoRA adapters, not a whole DiT: add --merge-lora" if lora
+                         else f"{ckpt} is not a LoRA checkpoint: drop --merge-lora")
+    if lora:
+        from kelix.dit.model import load_dit
+        from kelix.lora.adapters import LoRAConfig, apply_lora, merge_lora_
+
+        base = base or lora.get("base")
+        if not base or not os.path.isfile(os.path.join(base, "config.json")):
+            raise FileNotFoundError(f"{ckpt}: its base {base!r} is not an exported DiT directory: pass --base DIR "
+                                    "(the run's init_from)")
+        net.load_state_dict(load_dit(base).state_dict(), strict=True)
+        apply_lora(net.transformer, LoRAConfig(**lora["config"]))
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+        if unexpected or any(".lora_" in k for k in missing):
+            raise KeyError(f"{ckpt} does not match {base} with its LoRA options: unexpected {unexpected[:3]}")
+        merge_lora_(net.transformer)
+    else:
+        net.load_state_dict(sd, strict=True)
     vae = load_vae(VAEConfig(**meta["vae"])) if with_vae else None
     return write_export(net, vae, meta.get("flow", {}), out)
 
@@ -119,9 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", choices=["ema", "live"], default="ema",
                    help="export the EMA weights (default, used for sampling) or the live training weights")
     p.add_argument("--no-vae", action="store_true", help="do not write vae/ (e.g. a large pretrained VAE kept elsewhere)")
+    p.add_argument("--merge-lora", action="store_true", help="a LoRA run's checkpoint: fold its adapters into its base")
+    p.add_argument("--base", default=None, help="with --merge-lora: the base DiT, if it moved (default: the run's init_from)")
     a = p.parse_args(argv)
     if not os.path.exists(a.ckpt):
         p.error(f"checkpoint {a.ckpt!r} does not exist")
-    export(a.ckpt, a.out, a.weights, not a.no_vae)
+    try:
+        export(a.ckpt, a.out, a.weights, not a.no_vae, a.merge_lora, a.base)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"kelix export-dit: {e}", file=sys.stderr)
+        return 2
     print(f"DiT ({a.weights} weights) written to {a.out}")
     return 0

@@ -16,6 +16,7 @@ TensorBoard.
 
 import copy
 import logging
+import os
 from dataclasses import asdict
 from typing import Literal
 
@@ -37,6 +38,7 @@ from kelix.dit.flow import (
 from kelix.dit.model import DiTConfig, KelixDiT
 from kelix.dit.sampler import image_grid, sample_latents
 from kelix.dit.vae import VAEConfig, load_vae
+from kelix.lora.adapters import LoRAConfig
 from kelix.training.module import KelixModule
 from kelix.training.weights import read_state_dict
 
@@ -93,6 +95,10 @@ class DiTModule(KelixModule):
         export_dir: when fit ends, write the de-tokenizer here (EMA weights, ``vae/``, ``flow.json``;
             what ``kelix export-dit`` writes from a checkpoint); with an EMA, the live weights go to
             ``<export_dir>_live`` beside it, so both can be evaluated.
+        lora: LoRA adapters (peft) on the SANA transformer's layers named in ``lora.target_modules`` instead
+            of training every weight (the connector trains with ``lora.train_connector``). Checkpoints then hold
+            the adapters, the trainable rest and their EMA, not the frozen base (``init_from``); the export (here
+            or ``kelix export-dit --merge-lora``) folds the adapters into the weights.
         **kwargs: :class:`~kelix.training.module.KelixModule` options (``optim``, ``nonfinite``...).
     """
 
@@ -101,7 +107,7 @@ class DiTModule(KelixModule):
                  init_from: str | None = None, cond_dropout: float = 0.1, ema_decay: float | None = 0.9999,
                  ema_warmup: bool = True, sample_every_n_steps: int = 1000, num_samples: int = 4,
                  sample_steps: int = 20, sample_cfg: float = 4.5, val_weights: Literal["ema", "live"] = "ema",
-                 export_dir: str | None = None, **kwargs):
+                 export_dir: str | None = None, lora: LoRAConfig | None = None, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
@@ -121,6 +127,14 @@ class DiTModule(KelixModule):
                 raise ValueError(f"init_from {init_from}: {len(missing)} DiT tensor(s) missing (e.g. {missing[:2]}), "
                                  f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
             log.info("DiT weights loaded from %s", init_from)
+        self.lora, self.init_from = lora, os.path.abspath(init_from) if init_from else None
+        if lora is not None:
+            from kelix.lora.adapters import apply_lora
+
+            apply_lora(self.dit.transformer, lora)
+            self.dit.connector.requires_grad_(lora.train_connector)
+            self.dit.null_condition.requires_grad_(lora.train_connector)
+            self.strict_loading = False  # checkpoints lack the frozen base: it comes from init_from
         self.ema = copy.deepcopy(self.dit).requires_grad_(False) if ema_decay is not None else None
         condition = condition if condition is not None else PrecomputedConditions()
         vae_model = load_vae(self.vae_config)
@@ -260,10 +274,25 @@ class DiTModule(KelixModule):
         return grid
 
     # -- checkpoints: weights + EMA in the state dict; the configs beside them, for export-dit
+    def state_dict(self, *args, **kwargs):
+        """Under LoRA without the frozen base (in ``dit.`` and its copy in ``ema.``): the adapters, the trainable
+        rest and their EMA, which is what a resume loads."""
+        sd = super().state_dict(*args, **kwargs)
+        if self.lora is None:
+            return sd
+        prefix = kwargs.get("prefix", "")
+        base = {n for n, p in self.dit.named_parameters() if not p.requires_grad}
+        drop = {f"{prefix}{net}.{n}" for n in base for net in ("dit", "ema")}
+        for k in [k for k in sd if k in drop]:
+            del sd[k]
+        return sd
+
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
         checkpoint["kelix_dit"] = {"dit": asdict(self.dit.config), "vae": asdict(self.vae_config),
                                    "flow": asdict(self.flow), "ema_step": self._ema_step}
+        if self.lora is not None:  # what `kelix export-dit --merge-lora` rebuilds the DiT from
+            checkpoint["kelix_dit"]["lora"] = {"config": asdict(self.lora), "base": self.init_from}
 
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)
@@ -281,6 +310,10 @@ class DiTModule(KelixModule):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             sd = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.lora is not None:  # the adapters folded into the weights: a plain DiT directory
+            from kelix.lora.adapters import merge_lora_state_dict
+
+            sd = merge_lora_state_dict(net.state_dict() if sd is None else sd, self.lora.scale)
         if self._trainer is None or self.global_rank == 0:
             write_export(net, self.frozen.vae, asdict(self.flow), out_dir, state_dict=sd)
             log.info("exported the DiT (%s weights) to %s", weights, out_dir)

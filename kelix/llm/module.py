@@ -18,6 +18,7 @@ import torch
 from kelix.data.images import normalize
 from kelix.llm.loss import nbp_loss
 from kelix.llm.model import KelixLM, LLMConfig, fill_legacy
+from kelix.lora.adapters import LoRAConfig
 from kelix.training.module import KelixModule
 
 log = logging.getLogger("kelix.llm")
@@ -46,6 +47,10 @@ class UnifiedLLMModule(KelixModule):
             device (default: ``lm.image_tokenizer``); not needed when shards hold codes.
         freeze_backbone: freeze the backbone's embeddings, layers and final norm (stage 1).
         freeze_lm_head: freeze the LM head (and its slot-0 ``visual_bias``) too.
+        lora: fine-tune with LoRA adapters (peft) on the backbone instead of all weights; what else trains
+            (block decoder, the head's visual rows, the embedding table) is set there. Checkpoints then hold
+            the adapters and the trainable rest, not the frozen base (``init_from``, recorded in them);
+            ``kelix export-llm --merge-lora`` and ``export_dir`` write the merged model.
         block_loss: ``sum`` (Eq. 6) or ``equal_block`` (every block the same total; official code).
         export_dir: write the trained model here (a Kelix LLM directory) when fit ends.
         export_dtype: dtype of exported floating tensors (e.g. ``bfloat16``; default: as trained).
@@ -64,6 +69,7 @@ class UnifiedLLMModule(KelixModule):
         image_tokenizer: str | None = None,
         freeze_backbone: bool = False,
         freeze_lm_head: bool = False,
+        lora: LoRAConfig | None = None,
         block_loss: Literal["sum", "equal_block"] = "sum",
         export_dir: str | None = None,
         export_dtype: str | None = None,
@@ -119,6 +125,12 @@ class UnifiedLLMModule(KelixModule):
         if freeze_lm_head:
             self.lm.lm_head.requires_grad_(False)
             self.lm.visual_bias.requires_grad_(False)  # the head's slot-0 visual offset
+        self.lora, self.init_from = lora, os.path.abspath(init_from) if init_from else None
+        if lora is not None:
+            from kelix.lora.llm import apply_llm_lora
+
+            apply_llm_lora(self.lm, lora)
+            self.strict_loading = False  # checkpoints lack the frozen base: it comes from init_from
         n_train = sum(p.numel() for p in self.lm.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.lm.parameters())
         log.info("unified LLM: %.1fM of %.1fM parameters trainable", n_train / 1e6, n_all / 1e6)
@@ -279,11 +291,49 @@ class UnifiedLLMModule(KelixModule):
                 f"**predicted** (teacher forced, slot 0 argmax): {self._describe(guess)}")
         self.logger.experiment.add_text(f"{split}/sample", text, self.global_step)
 
+    # -- LoRA: checkpoints of what trains, the head's text rows kept
+    def _frozen_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if not p.requires_grad}
+
+    def state_dict(self, *args, **kwargs):
+        """Under LoRA only the trainable parameters (and buffers): what a checkpoint holds and a resume
+        loads (FSDP2's sharded checkpoints read the keys from here too); the frozen base is ``init_from``."""
+        sd = super().state_dict(*args, **kwargs)
+        if self.lora is None:
+            return sd
+        prefix, frozen = kwargs.get("prefix", ""), self._frozen_names()
+        for k in [k for k in sd if k[len(prefix):] in frozen]:
+            del sd[k]
+        return sd
+
+    def no_weight_decay(self) -> list[str]:
+        if self.lora is None or not self.lora.train_visual_head:
+            return []
+        return [n for n, p in self.named_parameters() if p is self.lm.lm_head.weight]
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.lora is not None and self.lora.train_visual_head:
+            from kelix.lora.llm import keep_text_rows_
+
+            keep_text_rows_(self.lm)
+        super().on_before_optimizer_step(optimizer)
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        sd = checkpoint.get("state_dict")
+        if self.lora is not None and sd is not None:
+            missing = sorted(n for n, p in self.named_parameters() if p.requires_grad and n not in sd)
+            if missing:
+                raise KeyError(f"the checkpoint lacks {len(missing)} trainable tensor(s) of this LoRA run, e.g. "
+                               f"{missing[:2]}: was it saved with the same lora options?")
+
     # -- hand-off to the next stage
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
         checkpoint["kelix_llm"] = {"config": asdict(self.lm.config),
                                    "backbone_config": self.lm.backbone.config.to_dict()}
+        if self.lora is not None:  # what `kelix export-llm --merge-lora` rebuilds the model from
+            checkpoint["kelix_llm"]["lora"] = {"config": asdict(self.lora), "base": self.init_from}
 
     def on_train_end(self):
         if not self.export_dir:
@@ -293,6 +343,10 @@ class UnifiedLLMModule(KelixModule):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             sd = get_model_state_dict(self.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.lora is not None:  # the adapters folded into the base: a plain Kelix LLM directory
+            from kelix.lora.adapters import merge_lora_state_dict
+
+            sd = merge_lora_state_dict(self.lm.state_dict() if sd is None else sd, self.lora.scale)
         if self.global_rank == 0:
             self.lm.save_pretrained(self.export_dir, state_dict=sd, dtype=self.export_dtype)
             log.info("exported the unified LLM to %s", self.export_dir)
