@@ -26,17 +26,19 @@ class PipelineModel:
     def __init__(self, pipe, sampling=None):
         self.pipe, self.sampling = pipe, sampling
 
-    def answer(self, requests: list[tuple[list, str]], max_new_tokens: int = 32) -> list[str]:
+    def answer(self, requests: list[tuple[list, str | list[str]]], max_new_tokens: int = 32) -> list[str]:
+        """Greedy answers to ``(images, prompt)`` requests: ``prompt`` a text (read after the images) or the
+        texts around the images (``len(images) + 1`` of them: text, image, text, ..., as MMMU places them)."""
         import torch
 
-        from kelix.llm.generate import Sampling, generate_text, image_inputs, understanding_doc
+        from kelix.llm.generate import Sampling, generate_text, image_inputs
 
         lm, tok = self.pipe.lm, self.pipe.tokenizer
         flat = [im for ims, _ in requests for im in ims]
         codes, feats = image_inputs(tok, flat, lm.vocab.N) if flat else ([], None)
         docs, per_doc, k = [], [], 0
         for ims, prompt in requests:
-            docs.append(understanding_doc(lm, prompt, list(codes[k:k + len(ims)])))
+            docs.append(prompt_doc(lm, prompt, list(codes[k:k + len(ims)])))
             per_doc += [torch.cat(feats[k:k + len(ims)])] if feats and ims else []
             k += len(ims)
         ids = generate_text(lm, docs, max_new_blocks=max_new_tokens, sampling=self.sampling or Sampling(temperature=0),
@@ -45,6 +47,25 @@ class PipelineModel:
 
     def render(self, prompts: list[str], seed: int = 0) -> list:
         return self.pipe.generate(list(prompts), seed=seed)
+
+
+def prompt_doc(lm, prompt, codes: list):
+    """The understanding document of one request: images then the text, or texts and images interleaved."""
+    from kelix.data.schema import Image, Part, Sample, Turn
+    from kelix.llm.generate import understanding_doc
+
+    if isinstance(prompt, str):
+        return understanding_doc(lm, prompt, codes)
+    if len(prompt) != len(codes) + 1:
+        raise ValueError(f"an interleaved prompt has {len(prompt)} texts for {len(codes)} image(s)")
+    parts = [Part("text", text=prompt[0])] if prompt[0] else []
+    for i, (c, text) in enumerate(zip(codes, prompt[1:])):
+        parts.append(Part("image", image=Image(f"{i}.jpg", codes=c.cpu())))
+        parts += [Part("text", text=text)] if text else []
+    sample = Sample("prompt", "pipeline", "messages", [Turn("user", parts)])
+    doc = lm.layout.build(sample, lambda im, role: (im.codes.shape[0], im.codes.shape[1], im.codes, None))
+    doc.add_text(lm.layout.chat_header("assistant"), False)
+    return doc
 
 
 def read_predictions(path: str) -> dict[str, dict]:
@@ -98,7 +119,7 @@ def run(model, bench: Benchmark, items: list[Item], out: str, data: str = "", ba
             if bench.kind == "generate":
                 preds = [bench.generate_item(model, it, out, seeds[it.key]) for it in batch]
             else:
-                requests = [(_load(it, data), it.prompt) for it in batch]
+                requests = [(_load(it, data), it.meta.get("segments", it.prompt)) for it in batch]
                 preds = model.answer(requests, max_new_tokens or bench.max_new_tokens)
             for it, p in zip(batch, preds):
                 rec = {"id": it.id, "prompt": it.prompt, "prediction": p, "answer": it.answer,
