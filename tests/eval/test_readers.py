@@ -117,7 +117,7 @@ def test_mmmu_choice_and_open(tmp_path):
     assert out["overall"]["acc"] == pytest.approx(2 / 3)
     assert out["per_split"] == {"dev": {"acc": 1.0}, "validation": {"acc": 0.5}}  # VLMEvalKit reports each split
     bad = [{**rows[0], "question": "<image 3> which?"}]
-    with pytest.raises(DataError, match=r"row 0 field 'question': '<image 3' is not a mark of one of the row's 2"):
+    with pytest.raises(DataError, match=r"row 0 field 'question': '<image 3>' is not a mark of one of the row's 2"):
         bench.read(write_tsv(tmp_path / "bad.tsv", bad))
 
 
