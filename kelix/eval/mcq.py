@@ -64,7 +64,7 @@ class MultipleChoice(Benchmark):
         hint = None if is_missing(r.get("hint")) else str(r["hint"])
         return Item(_int(r["index"]), mcq_prompt(str(r["question"]), options, hint), answer, images,
                     _text(r.get("category")), {"options": options, "question": str(r["question"]), "hint": hint,
-                                               **_groups(r)})
+                                               "row": r, **_groups(r)})
 
     def choose(self, item: Item, prediction: str) -> tuple[str | None, str]:
         """``(letter, path)``: the rules' letter ("Z" included), else the judge's, else None."""
@@ -109,8 +109,9 @@ def rotations(item: Item) -> list[Item]:
     for k in range(1, len(letters)):
         new = {letters[j]: values[(j + k) % len(values)] for j in range(len(values))}
         answer = letters[(letters.index(item.answer) - k) % len(letters)]
+        row = {**item.meta["row"], **new, "answer": answer}
         out.append(Item(item.id + k * ROTATION, mcq_prompt(item.meta["question"], new, item.meta["hint"]), answer,
-                        item.images, item.category, {**item.meta, "options": new}))
+                        item.images, item.category, {**item.meta, "options": new, "row": row}))
     return out
 
 
@@ -227,7 +228,7 @@ class MMMU(MultipleChoice):
             options = {**options, "A": str(r["answer"]), "B": OPEN_OTHER}
             it = Item(_int(r["index"]), prompt, "A", images, _text(r.get("category")),
                       {"options": dict(sorted(options.items())), "question": str(r["question"]), "hint": hint,
-                       "open": True, "gold": str(r["answer"]), **_groups(r)})
+                       "open": True, "gold": str(r["answer"]), "row": r, **_groups(r)})
         else:
             it = super().item(r, i, data, images)
             it.meta["open"] = False
@@ -252,7 +253,7 @@ class MathVista(Benchmark):
         items = []
         for i, (r, srcs) in enumerate(zip(rows, row_images(rows, data, images))):
             meta = {"type": r["question_type"], "answer_type": r["answer_type"], "skills": _skills(r.get("skills")),
-                    "raw_answer": r["answer"]}  # as pandas read it: int("14") and int(14.0) both hold
+                    "raw_answer": r["answer"], "row": r}  # as pandas read it: int("14") and int(14.0) both hold
             if r["question_type"] == "multi_choice":
                 if is_missing(r.get("choices")):
                     raise DataError(f"{where(data, i, 'choices')}: empty for a multi_choice question")

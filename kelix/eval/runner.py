@@ -69,7 +69,12 @@ def prompt_doc(lm, prompt, codes: list):
 
 
 def read_predictions(path: str) -> dict[str, dict]:
-    """``{str(id): record}`` of a predictions.jsonl; a torn last line (an interrupted run) is ignored."""
+    """``{str(id): record}`` of a predictions.jsonl (a torn last line, from an interrupted run, is ignored) or
+    of VLMEvalKit's prediction file (.xlsx, .tsv, .csv: ``index`` and ``prediction`` columns)."""
+    if not path.endswith(".jsonl"):
+        from kelix.eval.predfiles import read_prediction_file
+
+        return read_prediction_file(path)
     out: dict[str, dict] = {}
     if not os.path.isfile(path):
         return out
