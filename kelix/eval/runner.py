@@ -49,6 +49,21 @@ class PipelineModel:
         return self.pipe.generate(list(prompts), seed=seed)
 
 
+def resolve_pipeline(pipeline=None, pretrained=None, device: str | None = "cpu", who: str = "kelix"):
+    """The pipeline an adapter was given: a loaded :class:`kelix.pipeline.KelixPipeline`, or a directory under
+    either key (``pipeline=DIR`` or ``pretrained=DIR``: lmms-eval's and VLMEvalKit's users write both)."""
+    value = pipeline if pipeline is not None else pretrained
+    if value is None:
+        raise ValueError(f"{who}: give the pipeline directory as pretrained=DIR (or pipeline=DIR)")
+    if isinstance(value, (str, os.PathLike)):
+        from kelix.pipeline import KelixPipeline
+
+        if not os.path.isdir(value):
+            raise ValueError(f"{who}: pipeline directory {str(value)!r} does not exist")
+        return KelixPipeline.from_pretrained(str(value), device=device or "cpu")
+    return value
+
+
 def prompt_doc(lm, prompt, codes: list):
     """The understanding document of one request: images then the text, or texts and images interleaved."""
     from kelix.data.schema import Image, Part, Sample, Turn
