@@ -215,7 +215,8 @@ def interleave(text: str, images: list, at: str) -> tuple[list, list[str]]:
 @register
 class MMMU(MultipleChoice):
     """MMMU: choice questions as every MCQ; an open question (no option A) is asked without options and
-    scored as VLMEvalKit's ``MMMU_preproc`` makes it: options A = the gold answer, B = "Other Answers", gold A."""
+    scored as VLMEvalKit's ``MMMU_preproc`` makes it: options A = the gold answer, B = "Other Answers", gold A
+    (or the answer itself when it is a single capital letter)."""
 
     name = "mmmu"
     files = "VLMEvalKit MMMU_DEV_VAL.tsv (image: base64 or a list of them)"
@@ -226,7 +227,9 @@ class MMMU(MultipleChoice):
         if is_missing(r.get("A")):  # VLMEvalKit looks at A alone
             prompt = mcq_prompt(str(r["question"]), options, hint)
             options = {**options, "A": str(r["answer"]), "B": OPEN_OTHER}
-            it = Item(_int(r["index"]), prompt, "A", images, _text(r.get("category")),
+            # VLMEvalKit's gold: the answer when it is one capital letter (then "Other Answers" may be right), else A
+            gold = str(r["answer"]) if str(r["answer"]) in LETTERS and len(str(r["answer"])) == 1 else "A"
+            it = Item(_int(r["index"]), prompt, gold, images, _text(r.get("category")),
                       {"options": dict(sorted(options.items())), "question": str(r["question"]), "hint": hint,
                        "open": True, "gold": str(r["answer"]), "row": r, **_groups(r)})
         else:

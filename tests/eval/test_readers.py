@@ -113,6 +113,9 @@ def test_mmmu_choice_and_open(tmp_path):
     assert score(items[1], "2.4") == 0.0 and score(items[1], "2.500") == 1.0  # text containment, not numbers
     assert score(items[1], "Other Answers") == 0.0  # reads as B
     assert score(items[2], "the city of paris") == 1.0 and score(items[2], "London") == 0.0
+    # an open answer that is one capital letter is VLMEvalKit's gold letter: "Other Answers" (B) is then right
+    letter = bench.read(write_tsv(tmp_path / "l.tsv", [{**rows[2], "answer": "B"}]))[0]
+    assert letter.meta["options"] == {"A": "B", "B": "Other Answers"} and score(letter, "Other Answers") == 1.0
     out = scores_of(bench, items, {"1": "B", "2": "2.50", "3": "Paris"})
     assert out["overall"]["acc"] == pytest.approx(2 / 3)
     assert out["per_split"] == {"dev": {"acc": 1.0}, "validation": {"acc": 0.5}}  # VLMEvalKit reports each split
