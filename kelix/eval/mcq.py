@@ -64,7 +64,7 @@ class MultipleChoice(Benchmark):
         hint = None if is_missing(r.get("hint")) else str(r["hint"])
         return Item(_int(r["index"]), mcq_prompt(str(r["question"]), options, hint), answer, images,
                     _text(r.get("category")), {"options": options, "question": str(r["question"]), "hint": hint,
-                                               "row": r, **_groups(r)})
+                                               "row": _row(r), **_groups(r)})
 
     def choose(self, item: Item, prediction: str) -> tuple[str | None, str]:
         """``(letter, path)``: the rules' letter ("Z" included), else the judge's, else None."""
@@ -87,6 +87,11 @@ class MultipleChoice(Benchmark):
 
 def _text(v) -> str:
     return "" if is_missing(v) else str(v)
+
+
+def _row(r: dict) -> dict:
+    """The row as a prediction file carries it (VLMEvalKit drops ``image``; kept here without it, to spare memory)."""
+    return {k: v for k, v in r.items() if k != "image"}
 
 
 def _groups(r: dict) -> dict:
@@ -231,7 +236,7 @@ class MMMU(MultipleChoice):
             gold = str(r["answer"]) if str(r["answer"]) in LETTERS and len(str(r["answer"])) == 1 else "A"
             it = Item(_int(r["index"]), prompt, gold, images, _text(r.get("category")),
                       {"options": dict(sorted(options.items())), "question": str(r["question"]), "hint": hint,
-                       "open": True, "gold": str(r["answer"]), "row": r, **_groups(r)})
+                       "open": True, "gold": str(r["answer"]), "row": _row(r), **_groups(r)})
         else:
             it = super().item(r, i, data, images)
             it.meta["open"] = False
@@ -256,7 +261,7 @@ class MathVista(Benchmark):
         items = []
         for i, (r, srcs) in enumerate(zip(rows, row_images(rows, data, images))):
             meta = {"type": r["question_type"], "answer_type": r["answer_type"], "skills": _skills(r.get("skills")),
-                    "raw_answer": r["answer"], "row": r}  # as pandas read it: int("14") and int(14.0) both hold
+                    "raw_answer": r["answer"], "row": _row(r)}  # as pandas read it: int("14") and int(14.0) both hold
             if r["question_type"] == "multi_choice":
                 if is_missing(r.get("choices")):
                     raise DataError(f"{where(data, i, 'choices')}: empty for a multi_choice question")

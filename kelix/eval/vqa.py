@@ -52,8 +52,13 @@ class OCRBench(Benchmark):
     def read(self, data, images=None):
         if data.endswith(".tsv"):
             rows = read_tsv(data, ("index", "question", "answer", "category"))
-            return [Item(int(float(r["index"])), str(r["question"]), choices_list(r["answer"], where(data, i, "answer")), s,
-                         str(r["category"]), {"row": r}) for i, (r, s) in enumerate(zip(rows, row_images(rows, data, images)))]
+            items = []
+            for i, (r, srcs) in enumerate(zip(rows, row_images(rows, data, images))):
+                row = {k: v for k, v in r.items() if k != "image"}  # what a prediction file carries
+                items.append(Item(int(float(r["index"])), str(r["question"]),
+                                  choices_list(r["answer"], where(data, i, "answer")), srcs, str(r["category"]),
+                                  {"row": row}))
+            return items
         rows, base = read_json(data), _image_dir(images, data)
         if not isinstance(rows, list):
             raise DataError(f"{data}: expected a list of questions")
