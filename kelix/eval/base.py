@@ -135,8 +135,11 @@ class Benchmark:
 
 
 def mean_scores(items: list[Item], scores: dict[str, dict[str, float]]) -> dict:
+    """Means of each numeric metric over the scored items, overall and per category; a text entry ``path``
+    (which rule decided the item: ``rule``, ``judge``, ``none``) is counted in ``decided_by`` instead."""
     total: dict[str, list[float]] = defaultdict(list)
     cats: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    paths: dict[str, int] = defaultdict(int)
     n = 0
     for it in items:
         s = scores.get(it.key)
@@ -144,11 +147,17 @@ def mean_scores(items: list[Item], scores: dict[str, dict[str, float]]) -> dict:
             continue
         n += 1
         for k, v in s.items():
+            if k == "path":
+                paths[v] += 1
+                continue
             total[k].append(float(v))
             if it.category:
                 cats[it.category][k].append(float(v))
     mean = lambda d: {k: sum(v) / len(v) for k, v in d.items()}  # noqa: E731
-    return {"overall": mean(total), "per_category": {c: mean(d) for c, d in sorted(cats.items())}, "count": n}
+    out = {"overall": mean(total), "per_category": {c: mean(d) for c, d in sorted(cats.items())}, "count": n}
+    if paths:
+        out["decided_by"] = dict(sorted(paths.items()))
+    return out
 
 
 def register(cls: type[Benchmark]) -> type[Benchmark]:

@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint (.../v1) for the benchmarks whose "
                    "reference uses a judge (MCQ fallback, MathVista extraction; key from $OPENAI_API_KEY)")
     p.add_argument("--judge-model", default=None, help="the judge's model name")
+    p.add_argument("--write-predictions", choices=("xlsx", "tsv", "csv"), default=None,
+                   help="also write <out>/kelix_<data file name>.<format>, VLMEvalKit's prediction file")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default=None, help="e.g. bfloat16")
     s = sub.add_parser("score", help="score existing predictions without a model")
     _common(s)
-    s.add_argument("--predictions", required=True, help='predictions.jsonl: {"id": ..., "prediction": str} per line')
+    s.add_argument("--predictions", required=True, help='predictions.jsonl ({"id": ..., "prediction": str} per line), or VLMEvalKit\'s '
+                   'prediction file (.xlsx, .tsv, .csv with index and prediction columns; a .pkl is refused)')
     sub.add_parser("list", help="the benchmarks, their files and metrics")
     return p
 
@@ -101,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     from kelix.eval.runner import read_predictions, run, score
 
     try:
+        if a.cmd == "score":  # the predictions first: a refused or missing file stops before the benchmark is read
+            if not os.path.isfile(a.predictions) and not a.predictions.endswith(".pkl"):
+                raise DataError(f"{a.predictions}: no such file")
+            preds = {k: r["prediction"] for k, r in read_predictions(a.predictions).items()}
         bench, items = _items(a)  # every file and image checked before any model loads
         if a.cmd == "score":
-            preds = {k: r["prediction"] for k, r in read_predictions(a.predictions).items()}
             target = os.path.join(a.out, "predictions.jsonl")
             same = os.path.exists(target) and os.path.samefile(a.predictions, target)
             result = score(bench, items, preds, a.out, write_predictions=not same)  # a run's own file keeps its fields
@@ -123,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         except (DataError, JudgeError) as e:
             print(f"kelix eval: {e}", file=sys.stderr)
             return 2
+    if a.write_predictions:
+        from kelix.eval.predfiles import write_prediction_file
+
+        stem = os.path.splitext(os.path.basename(os.path.normpath(a.data)))[0]
+        keys = {it.key for it in items}
+        preds = {k: r["prediction"] for k, r in read_predictions(os.path.join(a.out, "predictions.jsonl")).items()
+                 if k in keys}
+        write_prediction_file(os.path.join(a.out, f"kelix_{stem}.{a.write_predictions}"), items, preds)
     overall = ", ".join(f"{k}={v:.4f}" for k, v in result["overall"].items()) or "images written (see manifest.json)"
     print(f"{bench.name}: {result['count']} item(s), {overall}; {a.out}/scores.md")
     return 0

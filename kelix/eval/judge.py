@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import urllib.error
 import urllib.request
+
+from kelix.eval.answers import extract_choice
 
 
 class JudgeError(RuntimeError):
@@ -59,8 +60,11 @@ class Judge:
         prompt = ("Match the answer below to one option of the multiple-choice question. Reply with that "
                   "option's letter only, or Z if the answer matches no option.\n"
                   f"Question: {question}\nOptions:\n{listed}\nAnswer: {prediction}\nLetter:")
-        words = re.sub(r"[^A-Za-z]", " ", self.ask(prompt, 4)).split()
-        return next((w for w in words if w in options), None)
+        for _ in range(3):  # VLMEvalKit reads the judge's reply with its own rules, three tries
+            letter = extract_choice(self.ask(prompt, 4), options)
+            if letter:
+                return letter
+        return None  # where VLMEvalKit then picks an option at random, the kit counts it wrong
 
     def extract(self, question: str, prediction: str) -> str:
         """The final answer the judge reads in a free-form ``prediction``."""

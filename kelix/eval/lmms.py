@@ -74,7 +74,8 @@ class KelixLMMS(lmms):
     """lmms-eval's chat ``lmms`` interface for a Kelix pipeline (generation tasks).
 
     Args:
-        pretrained: pipeline directory (or give ``pipeline``, a loaded :class:`kelix.pipeline.KelixPipeline`).
+        pretrained: pipeline directory; ``pipeline`` is the same key (a directory or a loaded
+            :class:`kelix.pipeline.KelixPipeline`), as the VLMEvalKit adapter takes it.
         device: torch device; batch_size: requests answered together; max_new_tokens: the default cap.
     """
 
@@ -83,11 +84,9 @@ class KelixLMMS(lmms):
     def __init__(self, pretrained: str | None = None, pipeline=None, device: str | None = "cpu",
                  batch_size: int | str | None = 1, max_new_tokens: int = 64, **kwargs):
         super().__init__()
-        if pipeline is None:
-            from kelix.pipeline import KelixPipeline
+        from kelix.eval.runner import resolve_pipeline
 
-            pipeline = KelixPipeline.from_pretrained(pretrained, device=device or "cpu")
-        self.pipe = pipeline
+        self.pipe = resolve_pipeline(pipeline, pretrained, device, "kelix (lmms-eval)")
         self.batch_size_per_gpu = int(batch_size or 1)
         self.max_new_tokens = max_new_tokens
 

@@ -26,17 +26,19 @@ class PipelineModel:
     def __init__(self, pipe, sampling=None):
         self.pipe, self.sampling = pipe, sampling
 
-    def answer(self, requests: list[tuple[list, str]], max_new_tokens: int = 32) -> list[str]:
+    def answer(self, requests: list[tuple[list, str | list[str]]], max_new_tokens: int = 32) -> list[str]:
+        """Greedy answers to ``(images, prompt)`` requests: ``prompt`` a text (read after the images) or the
+        texts around the images (``len(images) + 1`` of them: text, image, text, ..., as MMMU places them)."""
         import torch
 
-        from kelix.llm.generate import Sampling, generate_text, image_inputs, understanding_doc
+        from kelix.llm.generate import Sampling, generate_text, image_inputs
 
         lm, tok = self.pipe.lm, self.pipe.tokenizer
         flat = [im for ims, _ in requests for im in ims]
         codes, feats = image_inputs(tok, flat, lm.vocab.N) if flat else ([], None)
         docs, per_doc, k = [], [], 0
         for ims, prompt in requests:
-            docs.append(understanding_doc(lm, prompt, list(codes[k:k + len(ims)])))
+            docs.append(prompt_doc(lm, prompt, list(codes[k:k + len(ims)])))
             per_doc += [torch.cat(feats[k:k + len(ims)])] if feats and ims else []
             k += len(ims)
         ids = generate_text(lm, docs, max_new_blocks=max_new_tokens, sampling=self.sampling or Sampling(temperature=0),
@@ -47,8 +49,47 @@ class PipelineModel:
         return self.pipe.generate(list(prompts), seed=seed)
 
 
+def resolve_pipeline(pipeline=None, pretrained=None, device: str | None = "cpu", who: str = "kelix"):
+    """The pipeline an adapter was given: a loaded :class:`kelix.pipeline.KelixPipeline`, or a directory under
+    either key (``pipeline=DIR`` or ``pretrained=DIR``: lmms-eval's and VLMEvalKit's users write both)."""
+    value = pipeline if pipeline is not None else pretrained
+    if value is None:
+        raise ValueError(f"{who}: give the pipeline directory as pretrained=DIR (or pipeline=DIR)")
+    if isinstance(value, (str, os.PathLike)):
+        from kelix.pipeline import KelixPipeline
+
+        if not os.path.isdir(value):
+            raise ValueError(f"{who}: pipeline directory {str(value)!r} does not exist")
+        return KelixPipeline.from_pretrained(str(value), device=device or "cpu")
+    return value
+
+
+def prompt_doc(lm, prompt, codes: list):
+    """The understanding document of one request: images then the text, or texts and images interleaved."""
+    from kelix.data.schema import Image, Part, Sample, Turn
+    from kelix.llm.generate import understanding_doc
+
+    if isinstance(prompt, str):
+        return understanding_doc(lm, prompt, codes)
+    if len(prompt) != len(codes) + 1:
+        raise ValueError(f"an interleaved prompt has {len(prompt)} texts for {len(codes)} image(s)")
+    parts = [Part("text", text=prompt[0])] if prompt[0] else []
+    for i, (c, text) in enumerate(zip(codes, prompt[1:])):
+        parts.append(Part("image", image=Image(f"{i}.jpg", codes=c.cpu())))
+        parts += [Part("text", text=text)] if text else []
+    sample = Sample("prompt", "pipeline", "messages", [Turn("user", parts)])
+    doc = lm.layout.build(sample, lambda im, role: (im.codes.shape[0], im.codes.shape[1], im.codes, None))
+    doc.add_text(lm.layout.chat_header("assistant"), False)
+    return doc
+
+
 def read_predictions(path: str) -> dict[str, dict]:
-    """``{str(id): record}`` of a predictions.jsonl; a torn last line (an interrupted run) is ignored."""
+    """``{str(id): record}`` of a predictions.jsonl (a torn last line, from an interrupted run, is ignored) or
+    of VLMEvalKit's prediction file (.xlsx, .tsv, .csv: ``index`` and ``prediction`` columns)."""
+    if not path.endswith(".jsonl"):
+        from kelix.eval.predfiles import read_prediction_file
+
+        return read_prediction_file(path)
     out: dict[str, dict] = {}
     if not os.path.isfile(path):
         return out
@@ -98,7 +139,7 @@ def run(model, bench: Benchmark, items: list[Item], out: str, data: str = "", ba
             if bench.kind == "generate":
                 preds = [bench.generate_item(model, it, out, seeds[it.key]) for it in batch]
             else:
-                requests = [(_load(it, data), it.prompt) for it in batch]
+                requests = [(_load(it, data), it.meta.get("segments", it.prompt)) for it in batch]
                 preds = model.answer(requests, max_new_tokens or bench.max_new_tokens)
             for it, p in zip(batch, preds):
                 rec = {"id": it.id, "prompt": it.prompt, "prediction": p, "answer": it.answer,

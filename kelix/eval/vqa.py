@@ -52,8 +52,13 @@ class OCRBench(Benchmark):
     def read(self, data, images=None):
         if data.endswith(".tsv"):
             rows = read_tsv(data, ("index", "question", "answer", "category"))
-            return [Item(int(float(r["index"])), r["question"], choices_list(r["answer"], where(data, i, "answer")), s,
-                         r["category"]) for i, (r, s) in enumerate(zip(rows, row_images(rows, data, images)))]
+            items = []
+            for i, (r, srcs) in enumerate(zip(rows, row_images(rows, data, images))):
+                row = {k: v for k, v in r.items() if k != "image"}  # what a prediction file carries
+                items.append(Item(int(float(r["index"])), str(r["question"]),
+                                  choices_list(r["answer"], where(data, i, "answer")), srcs, str(r["category"]),
+                                  {"row": row}))
+            return items
         rows, base = read_json(data), _image_dir(images, data)
         if not isinstance(rows, list):
             raise DataError(f"{data}: expected a list of questions")
@@ -88,7 +93,8 @@ class OCRBench(Benchmark):
 
 @register
 class TextVQA(Benchmark):
-    """TextVQA: standard VQA accuracy over the 10 annotators' answers (normalised, leave-one-out)."""
+    """TextVQA as lmms-eval 0.7.3 scores it: VQA accuracy over the 10 annotators' answers (EvalAI's
+    normalisation, leave-one-out)."""
 
     name = "textvqa"
     files = "TextVQA_0.5.1_val.json (+ --images train_images, <image_id>.jpg)"
@@ -104,7 +110,9 @@ class TextVQA(Benchmark):
         for i, r in enumerate(rows):
             answers = _field(r, "answers", data, i, list)
             image_id = _field(r, "image_id", data, i)
-            items.append(Item(_field(r, "question_id", data, i, (int, str)), _field(r, "question", data, i) + SHORT_ANSWER,
+            # lmms-eval's prompt: the question capitalised (str.capitalize lowers the rest), then the instruction
+            items.append(Item(_field(r, "question_id", data, i, (int, str)),
+                              _field(r, "question", data, i).capitalize() + SHORT_ANSWER,
                               [str(a) for a in answers], [os.path.join(base, f"{image_id}.jpg")]))
         return items
 
@@ -114,7 +122,8 @@ class TextVQA(Benchmark):
 
 @register
 class ChartQA(Benchmark):
-    """ChartQA: relaxed accuracy (numbers within 5%, other answers exact ignoring case)."""
+    """ChartQA as lmms-eval 0.7.3 scores it: relaxed accuracy (numbers within 5%, other answers equal ignoring
+    case; neither the label nor the prediction is stripped)."""
 
     name = "chartqa"
     files = "ChartQA test_human.json / test_augmented.json (+ --images test/png)"

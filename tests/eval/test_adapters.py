@@ -37,6 +37,96 @@ def test_vlmevalkit_generate_inner_contract(pipe, pictures):
         vlm.generate_inner([{"type": "video", "value": "x.mp4"}])
 
 
+class VLMEvalKitDataset:
+    """What VLMEvalKit's ``infer_data`` holds of a dataset: ``dataset_name``, ``dump_image(line)`` (image
+    files of a row) and ``build_prompt(line)`` (``ImageMCQDataset.build_prompt``, MMMU's split included),
+    here over a TSV read by the kit."""
+
+    def __init__(self, name, bench, items, root):
+        self.dataset_name, self.items, self.root = name, {it.id: it for it in items}, root
+
+    def dump_image(self, line):
+        paths = []
+        for j, src in enumerate(self.items[line["index"]].meta["row_images"]):
+            path = os.path.join(self.root, f"{line['index']}_{j}.png")
+            Image.open(__import__("io").BytesIO(src)).save(path)
+            paths.append(path)
+        return paths
+
+    def build_prompt(self, line):
+        it = self.items[line["index"]]
+        paths = self.dump_image(line)
+        text = it.prompt  # ImageMCQDataset.build_prompt's text (tested against the reference in test_readers)
+        msgs = [{"type": "image", "value": p} for p in paths] + [{"type": "text", "value": text}]
+        if "<image " not in text:
+            return msgs
+        segs = text.split("<image ")  # MMMUDataset.split_MMMU
+        out = [{"type": "text", "value": segs[0]}]
+        for seg in segs[1:]:
+            out += [{"type": "image", "value": paths[int(seg[0]) - 1]}, {"type": "text", "value": seg[2:]}]
+        return out
+
+
+def test_vlmevalkit_infer_data_calls(pipeline_dir, pipe, tmp_path):
+    """Every call VLMEvalKit's infer_data (vlmeval/inference.py, e8e78f0) makes on a local model, in order."""
+    from functools import partial
+
+    from kelix.eval import get_benchmark
+    from kelix.eval.runner import PipelineModel, _load
+    from tests.eval.test_readers import b64png, write_tsv
+
+    rows = [dict(index=1, image=str([b64png(), b64png((0, 200, 0))]), question="<image 2> or <image 1>: which is red?",
+                 A="left", B="right", answer="A", category="Art"),
+            dict(index=2, image=b64png((0, 0, 200)), question="Which colour?", A="red", B="blue", answer="B",
+                 category="Art")]
+    data = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", rows)
+    bench = get_benchmark("mmmu")
+    items = bench.read(data)
+    from kelix.eval.tsv import read_tsv, row_images
+
+    for it, srcs in zip(items, row_images(read_tsv(data, ("index",)), data, None)):
+        it.meta["row_images"] = srcs
+    dataset = VLMEvalKitDataset("MMMU_DEV_VAL", bench, items, str(tmp_path))
+    for key in ("pretrained", "pipeline"):  # supported_VLM["kelix"] = partial(KelixVLM, <key>=DIR)
+        model = partial(KelixVLM, **{key: pipeline_dir}, max_new_tokens=6)()
+        assert getattr(model, "is_api", False) is False
+        model.set_dump_image(dataset.dump_image)
+        assert model.dump_image({"index": 2}, "MMMU_DEV_VAL") == [str(tmp_path / "2_0.png")]
+        assert hasattr(model, "use_custom_prompt") and model.use_custom_prompt("MMMU_DEV_VAL") is False
+        assert not hasattr(model, "split_thinking")  # VLMEvalKit then uses its own
+        for it in items:
+            struct = dataset.build_prompt({"index": it.id})
+            response = model.generate(message=struct, dataset="MMMU_DEV_VAL")
+            # the same request kelix eval run makes for the row: images where the marks stand
+            assert response == PipelineModel(pipe).answer([(_load(it, data), it.meta["segments"])], 6)[0]
+    interleaved = dataset.build_prompt({"index": 1})
+    images, texts = model.request(interleaved)
+    assert texts == items[0].meta["segments"] and len(images) == 2
+    assert model.check_content("hi") == "str" and model.check_content([{"type": "text", "value": "x"}]) == "listdict"
+    assert model.preproc_content(["Describe.", str(tmp_path / "2_0.png")]) == [
+        {"type": "text", "value": "Describe."}, {"type": "image", "value": str(tmp_path / "2_0.png")}]
+    assert model.generate(["Describe.", str(tmp_path / "2_0.png")]) == model.generate(
+        [{"type": "text", "value": "Describe."}, {"type": "image", "value": str(tmp_path / "2_0.png")}])
+    with pytest.raises(ValueError, match="give the pipeline directory as pretrained=DIR"):
+        KelixVLM()
+
+
+def test_interleaved_document_places_each_image(pipe):
+    from kelix.eval.runner import prompt_doc
+    from kelix.llm.generate import understanding_doc
+
+    lm = pipe.lm
+    codes = list(pipe.tokenizer.encode([Image.new("RGB", (32, 32), "red")]))
+    assert prompt_doc(lm, ["", "Q?"], codes).tokens == understanding_doc(lm, "Q?", codes).tokens
+    doc = prompt_doc(lm, ["Left ", " right?"], codes)
+    plain = understanding_doc(lm, "Left  right?", codes).tokens
+    assert sorted(doc.tokens) == sorted(plain) and doc.tokens != plain  # the same blocks, the image moved
+    header = lm.layout.chat_header("user")
+    assert doc.tokens[:len(header) + len(lm.layout.text("Left "))] == header + lm.layout.text("Left ")
+    with pytest.raises(ValueError, match="2 texts for 2 image"):
+        prompt_doc(lm, ["a", "b"], codes * 2)
+
+
 def test_vlmevalkit_adapter_imports_without_vlmevalkit():
     import subprocess
     import sys

@@ -47,13 +47,13 @@ def test_multiple_choice_asks_the_judge_only_when_the_rules_fail(endpoint, tmp_p
     bench = get_benchmark("ai2d")
     bench.judge = Judge(url, "judge-model")
     items = bench.read(write_tsv(tmp_path / "a.tsv", MMB))
-    assert bench.score_item(items[0], "C") == {"acc": 0.0} and seen == []  # the rules read "C"
-    assert bench.score_item(items[0], "the animal that barks") == {"acc": 1.0}  # the judge reads B
+    assert bench.score_item(items[0], "C") == {"acc": 0.0, "path": "rule"} and seen == []  # the rules read "C"
+    assert bench.score_item(items[0], "the animal that barks") == {"acc": 1.0, "path": "judge"}  # the judge reads B
     assert len(seen) == 1 and seen[0]["path"] == "/v1/chat/completions" and seen[0]["auth"] == "Bearer sk-test"
     body = seen[0]["body"]
     assert body["model"] == "judge-model" and body["temperature"] == 0
     assert "Question: What animal is this?\nOptions:\nA. cat\nB. dog" in body["messages"][0]["content"]
-    assert get_benchmark("ai2d").score_item(items[0], "the animal that barks") == {"acc": 0.0}  # no judge: wrong
+    assert get_benchmark("ai2d").score_item(items[0], "the animal that barks") == {"acc": 0.0, "path": "none"}
 
 
 def test_mathvista_extracts_with_the_judge_through_the_cli(endpoint, tmp_path):

@@ -1,6 +1,8 @@
 """The lmms-eval model, run for real by the installed lmms-eval on tiny local tasks built here."""
 
+import importlib.util
 import json
+import pathlib
 
 import pytest
 import torch
@@ -77,18 +79,6 @@ def tasks(tmp_path_factory):
     return root, rows
 
 
-@pytest.fixture(autouse=True)
-def _filelock4(monkeypatch):
-    """lmms-eval 0.7's file-lock patch imports filelock._api, gone in filelock 4 (its own bug, not ours):
-    without that module the patch is skipped; datasets' own locks still work."""
-    import importlib.util
-
-    import lmms_eval.evaluator
-
-    if importlib.util.find_spec("filelock._api") is None:
-        monkeypatch.setattr(lmms_eval.evaluator, "_enable_reentrant_filelocks", lambda: None)
-
-
 def _evaluate(model, task, root):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
@@ -148,6 +138,57 @@ def _teacher_forced(lm, doc, ids):
     h = lm.hidden(lm.embed_blocks(tokens, codes))[0][0, len(doc.tokens) - 1:]
     logp = text_logits(lm, lm.decoder(h[:, None], kind="text")[:, -1], text_banned_ids(lm)).float().log_softmax(-1)
     return float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
+
+
+def test_pretrained_and_pipeline_keys_both_load_a_directory(pipeline_dir, pipe, tasks):
+    from kelix.eval.lmms import KelixLMMS
+
+    root, rows = tasks
+    request = ([Image.open(rows[0]["image"]).convert("RGB")], rows[0]["question"])
+    want = pipe.understand(*request, max_new_tokens=5)
+    for key in ("pretrained", "pipeline"):  # --model_args pretrained=DIR or pipeline=DIR: a path, loaded
+        model = KelixLMMS(**{key: pipeline_dir})
+        from kelix.eval.runner import PipelineModel
+
+        assert PipelineModel(model.pipe).answer([request], 5) == [want]
+    with pytest.raises(ValueError, match="kelix \\(lmms-eval\\): pipeline directory '/nowhere' does not exist"):
+        KelixLMMS(pretrained="/nowhere")
+
+
+@pytest.mark.slow
+def test_lmms_eval_cli_runs_the_kit_model(pipeline_dir, pipe, tasks, tmp_path):
+    """lmms-eval's own CLI, as its users run it (entry point `--model kelix`), on a local json task."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("filelock._api") is None:
+        pytest.skip("filelock>=4 is installed; the [eval] extra pins filelock<4 (lmms-eval 0.7.3 imports filelock._api)")
+    root, rows = tasks
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "lmms_eval", "eval", "--model", "kelix", "--model_args",
+           f"pipeline={pipeline_dir},max_new_tokens=5", "--tasks", "kelix_tiny_gen", "--include_path", str(root),
+           "--output_path", str(tmp_path / "out"), "--batch_size", "2", "--log_samples", "--verbosity", "ERROR"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    # lmms-eval exits 0 even when every item failed: the results files are what count
+    results = glob.glob(str(tmp_path / "out" / "**" / "*_results.json"), recursive=True)
+    assert proc.returncode == 0 and len(results) == 1, proc.stderr[-2000:]
+    samples = [json.loads(x) for f in glob.glob(str(tmp_path / "out" / "**" / "*_samples_*.jsonl"), recursive=True)
+               for x in open(f)]
+    got = [s["filtered_resps"] for s in sorted(samples, key=lambda s: s["doc_id"])]
+    expected = [pipe.understand(Image.open(r["image"]).convert("RGB"), r["question"], max_new_tokens=5) for r in rows]
+    assert [g[0] if isinstance(g, list) else g for g in got] == expected
+    exact = json.load(open(results[0]))["results"]["kelix_tiny_gen"]["exact,none"]
+    assert exact == sum(e == r["answer"] for e, r in zip(expected, rows)) / 3
+
+
+def test_eval_extra_pins_filelock_below_4():
+    tomllib = pytest.importorskip("tomllib")
+    extra = tomllib.loads((pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["eval"]
+    assert any(d.replace(" ", "").startswith("filelock") and "<4" in d for d in extra)
 
 
 def test_registration():

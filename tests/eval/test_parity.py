@@ -10,7 +10,8 @@ from kelix.eval.answers import normalize_answer, ocrbench_match, relaxed_accurac
 
 WORDS = ["Two", "two", "2", "the", "a", "an", "dog's", "dogs", "isnt", "isn't", "1,000", "3.5", "3.", "yes!",
          "x-ray", "(b)", "none", "Ten", "won't", "wont", "hello?", "a/b", "50%", "$5", "e.g.", "U.S.", "red,",
-         "'quoted'", "ten.", "\tTab", "new\nline"]
+         "'quoted'", "ten.", "\tTab", "new\nline", "well", "were", "we'll", "hed", "shed", "im", "Im", "lets",
+         "somebody'd", "youll", "." * 40, "a.b.c.d", "e.g"]
 
 
 def _strings(n, seed=0):
@@ -42,10 +43,11 @@ def test_relaxed_accuracy_matches_lmms_eval_chartqa():
     from lmms_eval.tasks.chartqa.utils import relaxed_correctness
 
     rng = random.Random(2)
-    targets = ["100", "0", "5%", "0.05", "Blue", "2019", "-3.2", "12.5"]
+    targets = ["100", "0", "5%", "0.05", "Blue", "Blue ", "2019", "-3.2", "12.5", "5%%", " 7"]
     for _ in range(400):
         t = rng.choice(targets)
-        p = rng.choice([*targets, str(round(rng.uniform(-5, 120), 2)), "blue", "4.9%", "5.1%", "104.9", "105.1"])
+        p = rng.choice([*targets, str(round(rng.uniform(-5, 120), 2)), "blue", "blue ", "4.9%", "5.1%", "104.9",
+                        "105.1", "5% ", " 100"])
         assert relaxed_accuracy(p, t) == float(relaxed_correctness(p, t)), (p, t)
 
 

@@ -91,33 +91,87 @@ def test_multiple_choice_bad_rows(tmp_path):
 
 
 def test_mmmu_choice_and_open(tmp_path):
-    rows = [dict(index=1, image=str([b64png(), b64png((0, 200, 0))]), question="<image 1> vs <image 2>: which is red?",
-                 A="left", B="right", answer="A", category="Art"),
-            dict(index=2, image=b64png(), question="How many litres?", A="", B="", answer="2.50", category="Physics"),
-            dict(index=3, image=b64png(), question="Which city?", A="", B="", answer="Paris", category="Geography")]
+    rows = [dict(index=1, image=str([b64png(), b64png((0, 200, 0))]), question="<image 2> vs <image 1>: which is red?",
+                 A="left", B="right", answer="A", category="Art", split="validation"),
+            dict(index=2, image=b64png(), question="How many litres?", A="", B="", answer="2.50", category="Physics",
+                 split="validation"),
+            dict(index=3, image=b64png(), question="Which city?", A="", B="", answer="Paris", category="Geography",
+                 split="dev")]
     bench = get_benchmark("mmmu")
     items = bench.read(write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", rows))
-    assert len(items[0].images) == 2 and items[1].meta["open"] and items[1].prompt == "Question: How many litres?\n"
-    preds = {"1": "(A) left", "2": "It holds 2.5 litres", "3": "the city of paris"}
-    assert scores_of(bench, items, preds)["overall"] == {"acc": 1.0}
-    preds = {"1": "B", "2": "2.6", "3": "London"}
-    assert scores_of(bench, items, preds)["overall"] == {"acc": 0.0}
+    # VLMEvalKit's split_MMMU: each image where its mark stands, in the marks' order
+    assert items[0].meta["segments"] == ["Question: ", " vs ", ": which is red?\nOptions:\nA. left\nB. right\n"
+                                         "Please select the correct answer from the options above. \n"]
+    assert items[0].images[1] == items[1].images[0] != items[0].images[0]  # image 2 (green) is placed first
+    # an open question is asked without options and scored as A = the gold text, B = "Other Answers"
+    assert items[1].prompt == "Question: How many litres?\n" and items[1].meta["segments"] == ["", items[1].prompt]
+    assert items[1].meta["options"] == {"A": "2.50", "B": "Other Answers"} and items[1].answer == "A"
+    score = lambda it, p: bench.score_item(it, p)["acc"]  # noqa: E731
+    assert score(items[0], "(A) left") == 1.0
+    assert score(items[1], "2.50 litres") == 1.0
+    assert score(items[1], "It holds 2.5 litres") == 0.0  # "2.50" is not inside it
+    assert score(items[1], "2.4") == 0.0 and score(items[1], "2.500") == 1.0  # text containment, not numbers
+    assert score(items[1], "Other Answers") == 0.0  # reads as B
+    assert score(items[2], "the city of paris") == 1.0 and score(items[2], "London") == 0.0
+    # an open answer that is one capital letter is VLMEvalKit's gold letter: "Other Answers" (B) is then right
+    letter = bench.read(write_tsv(tmp_path / "l.tsv", [{**rows[2], "answer": "B"}]))[0]
+    assert letter.meta["options"] == {"A": "B", "B": "Other Answers"} and score(letter, "Other Answers") == 1.0
+    out = scores_of(bench, items, {"1": "B", "2": "2.50", "3": "Paris"})
+    assert out["overall"]["acc"] == pytest.approx(2 / 3)
+    assert out["per_split"] == {"dev": {"acc": 1.0}, "validation": {"acc": 0.5}}  # VLMEvalKit reports each split
+    bad = [{**rows[0], "question": "<image 3> which?"}]
+    with pytest.raises(DataError, match=r"row 0 field 'question': '<image 3>' is not a mark of one of the row's 2"):
+        bench.read(write_tsv(tmp_path / "bad.tsv", bad))
+
+
+def test_tsv_options_read_as_pandas_reads_them(tmp_path):
+    # pandas' NA strings are missing options, and a gap keeps the letters after it (build_choices)
+    rows = [{**MMB[0], "A": "yes", "B": "no", "C": "None", "D": "maybe", "answer": "D"},
+            {**MMB[1], "A": "N/A", "B": "null", "C": "NA", "D": "nan", "E": "a", "F": "b", "answer": "F"}]
+    items = get_benchmark("seed-bench").read(write_tsv(tmp_path / "s.tsv", rows))
+    assert items[0].meta["options"] == {"A": "yes", "B": "no", "D": "maybe"}
+    assert items[0].prompt.endswith("A. yes\nB. no\nD. maybe\nPlease select the correct answer from the options above. \n")
+    assert items[1].meta["options"] == {"E": "a", "F": "b"}
+    assert get_benchmark("seed-bench").score_item(items[0], "D")["acc"] == 1.0
+    # a numeric option column with a gap reads as floats, and VLMEvalKit prints them so
+    rows = [{**MMB[0], "A": "1", "B": "2", "C": "", "D": "", "answer": "B"}, {**MMB[1], "A": "3", "B": "4"}]
+    items = get_benchmark("seed-bench").read(write_tsv(tmp_path / "n.tsv", rows))
+    assert items[0].meta["options"] == {"A": "1", "B": "2"}  # an int column stays int
+    rows[1]["C"] = "2.5"
+    items = get_benchmark("seed-bench").read(write_tsv(tmp_path / "f.tsv", rows))
+    assert items[1].meta["options"] == {"A": "3", "B": "4", "C": "2.5"} and items[0].meta["options"] == {"A": "1", "B": "2"}
 
 
 def test_mathvista(tmp_path):
-    common = dict(image=b64png(), task="figure QA", precision="")
+    common = dict(image=b64png(), task="figure QA", precision="", skills=str(["arithmetic reasoning"]))
     rows = [dict(index=1, question="Which is larger? Choices: (A) 3 (B) 5", answer="5", question_type="multi_choice",
                  answer_type="text", choices=str(["3", "5"]), **common),
             dict(index=2, question="How many?", answer="12", question_type="free_form", answer_type="integer",
                  choices="", **common),
             dict(index=3, question="Length?", answer="1.25", question_type="free_form", answer_type="float",
-                 choices="", **{**common, "precision": "2"})]
+                 choices="", **{**common, "precision": "1"}),
+            dict(index=4, question="How many left?", answer="0", question_type="free_form", answer_type="integer",
+                 choices="", **common),
+            dict(index=5, question="Name it", answer="cat", question_type="free_form", answer_type="text",
+                 choices="", **common)]
     bench = get_benchmark("mathvista")
     items = bench.read(write_tsv(tmp_path / "MathVista_MINI.tsv", rows))
-    good = {"1": "The answer is B", "2": "There are 12 birds.", "3": "about 1.25 cm"}
-    assert scores_of(bench, items, good)["overall"] == {"acc": 1.0}
-    bad = {"1": "3", "2": "13", "3": "1.3"}
-    assert scores_of(bench, items, bad)["overall"] == {"acc": 0.0}
+    assert items[0].meta["option"] == "B"  # no answer_option column: the letter of the answer's text
+    s = lambda i, p: bench.score_item(items[i], p)  # noqa: E731
+    # prefetch: a choice by can_infer, or a response that is wholly the number (int() / float(), exact)
+    assert s(0, "The answer is B") == {"acc": 1.0, "path": "rule"}
+    assert s(0, "3") == {"acc": 0.0, "path": "rule"}  # option text "3": A, decided and wrong
+    assert s(1, " 12\n") == {"acc": 1.0, "path": "rule"}
+    assert s(1, "There are 12 birds.") == {"acc": 0.0, "path": "none"}  # for the judge
+    assert s(1, "13") == {"acc": 0.0, "path": "none"}  # prefetch decides only equal numbers
+    assert s(1, "12.0") == {"acc": 0.0, "path": "none"}  # int("12.0") fails
+    assert s(2, "1.250") == {"acc": 1.0, "path": "rule"}  # float equality; precision plays no part
+    assert s(2, "1.3") == {"acc": 0.0, "path": "none"}  # 1.25 rounded to the row's precision 1 is not asked for
+    assert s(3, "0") == {"acc": 0.0, "path": "none"}  # the prefetched 0 is falsy: left to the judge
+    assert s(4, "cat") == {"acc": 0.0, "path": "none"}  # text answers are never prefetched
+    out = scores_of(bench, items, {"1": "B", "2": "12", "3": "1.25", "4": "0", "5": "cat"})
+    assert out["overall"] == {"acc": 0.6} and out["decided_by"] == {"none": 2, "rule": 3}
+    assert out["per_skill"] == {"arithmetic reasoning": {"acc": 0.6}}
     with pytest.raises(DataError, match=r"row 0 field 'answer': '7' is not one of the choices"):
         bench.read(write_tsv(tmp_path / "b.tsv", [{**rows[0], "answer": "7"}]))
 
@@ -133,6 +187,10 @@ def test_ocrbench_tsv_and_release_json(tmp_path):
     assert out["overall"] == {"score": 2.0, "acc": pytest.approx(2 / 3)}
     assert out["per_category"]["Text Recognition"] == {"correct": 1.0, "acc": 1.0}
     assert out["per_category"]["Doc-oriented VQA"] == {"correct": 0.0, "acc": 0.0}
+    # a partial predictions file: accuracy over the scored items, missing ones reported, not counted wrong
+    preds = {"0": "it says stop.", "1": "X^{2}"}
+    part = bench.aggregate(items, {k: bench.score_item(items[int(k)], p) for k, p in preds.items()}, preds)
+    assert part["overall"] == {"score": 1.0, "acc": 0.5} and part["count"] == 2
     Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
     js = [{"dataset_name": "IIIT5K", "id": 0, "image_path": "a.jpg", "question": "what is written in the image?",
            "answers": "Kelix", "type": "Regular Text Recognition"}]
@@ -156,7 +214,7 @@ def test_textvqa(tmp_path):
     bench = get_benchmark("textvqa")
     items = bench.read(str(tmp_path / "TextVQA_0.5.1_val.json"), str(tmp_path / "img"))
     bench.check_images(items, "TextVQA_0.5.1_val.json")
-    assert items[0].id == 34602 and items[0].prompt == ("what number is on the bus?\n"
+    assert items[0].id == 34602 and items[0].prompt == ("What number is on the bus?\n"
                                                          "Answer the question using a single word or phrase.")
     assert bench.score_item(items[0], "Two") == {"acc": 1.0}  # nine annotators say 2 or two
     assert bench.score_item(items[1], "Nokia.") == {"acc": pytest.approx(0.6)}  # 2 of 10, leave-one-out

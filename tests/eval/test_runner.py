@@ -85,6 +85,11 @@ def test_eval_verbs_end_to_end_on_a_tiny_pipeline(pipeline_dir, pipe, bench_dir,
 
     assert main(["eval", "score", *args, "--predictions", f"{out}/predictions.jsonl", "--out", str(tmp_path / "s")]) == 0
     assert json.load(open(tmp_path / "s" / "scores.json")) == scores
+    # a partial predictions file: the unanswered items are counted missing
+    open(tmp_path / "part.jsonl", "w").write("".join(open(f"{out}/predictions.jsonl").read().splitlines(True)[:2]))
+    assert main(["eval", "score", *args, "--predictions", str(tmp_path / "part.jsonl"), "--out", str(tmp_path / "p")]) == 0
+    part = json.load(open(tmp_path / "p" / "scores.json"))
+    assert part["count"] == 2 and part["missing"] == 3
 
     # resume: drop two answers; the rerun answers exactly those
     lines = open(f"{out}/predictions.jsonl").read().splitlines(keepends=True)

@@ -55,6 +55,9 @@ def test_vqa_and_ocr_scores():
     assert vqa.score_item(Item(0, "How many shapes are in the image?", "two"), "Two") == {"acc": 1.0}
     assert vqa.score_item(Item(0, "How many shapes are in the image?", "two"), "2") == {"acc": 1.0}
     assert vqa.score_item(Item(0, "What color is the circle?", "red"), "blue") == {"acc": 0.0}
+    # exact after normalisation: containing the answer is not enough
+    assert vqa.score_item(Item(0, "What color is the circle?", "red"), "red and blue") == {"acc": 0.0}
+    assert vqa.score_item(Item(0, "What color is the circle?", "red"), "The red.") == {"acc": 1.0}
     items = [Item(0, "q", "kelix"), Item(1, "q", "river stone")]
     scores = {"0": ocr.score_item(items[0], "kelik"), "1": ocr.score_item(items[1], "river stone")}
     assert scores["0"] == {"exact": 0.0, "char_acc": pytest.approx(0.8)}  # 1 substitution in 5 characters
