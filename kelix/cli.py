@@ -33,6 +33,7 @@ KIT_VERBS: dict[str, tuple[str, str]] = {
     "generate": ("kelix.pipeline_cli:generate", "generate an image from a prompt with an exported pipeline"),
     "eval": ("kelix.eval.cli:main", "benchmarks: eval run (a pipeline on a benchmark), eval score, eval list"),
     "quickstart": ("kelix.quickstart:main", "the whole pipeline on tiny models and synthetic data, on CPU"),
+    "serve": ("kelix.serve.cli:main", "serve a pipeline behind an OpenAI-compatible HTTP API (batched)"),
     "ablate": ("kelix.ablate:main", "Tables 6/7 ablations: recipes/ablations/ suites, trained, scored, tabulated"),
 }
 
