@@ -108,18 +108,22 @@ def build_app(pipe, cfg, metrics: Metrics | None = None) -> FastAPI:
 
     async def events(request: Request, job: Job):
         """The job's events until its last (``end``, ``images``); raises a failed job's error."""
-        watcher = asyncio.create_task(watch(request, job))
+        watcher, done = asyncio.create_task(watch(request, job)), False
         try:
             while True:
                 ev = await next_event(job)
                 if ev[0] == "error":
+                    done = True
                     raise ev[1]
                 yield ev
                 if ev[0] in ("end", "images", "gone"):
+                    done = True
                     return
         finally:
             watcher.cancel()
-            job.cancelled = True  # no-op once answered; stops the rows of an abandoned stream
+            if not done and not job.cancelled:  # a stream whose client left: the response closed us
+                job.cancelled = True
+                metrics.cancelled.labels("disconnect").inc()
 
     @app.get("/health")
     async def health():

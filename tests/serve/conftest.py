@@ -10,29 +10,30 @@ import time
 
 import pytest
 
-from tests.test_pipeline import parts  # noqa: F401 - the tiny tokenizer, LLM and DiT, exported
+from tests.test_pipeline import build_parts
 
 KEY = "sk-kelix-test"
 TINY = dict(condition_size=56, image_size=32, steps=2, dit_cfg_scale=2.0)
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(parts, tmp_path_factory):  # noqa: F811 - the imported fixture
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory):
     """The tiny pipeline saved, its LLM as after some training (greedy answers vary with the input)."""
     from kelix.llm.model import KelixLM
     from kelix.pipeline import KelixPipeline
     from tests.llm.conftest import stand_in_training
 
     root = tmp_path_factory.mktemp("pipe")
+    parts = build_parts(root)
     lm = KelixLM.from_pretrained(parts["llm"])
     stand_in_training(lm)
-    lm.save_pretrained(str(root / "llm"))
+    lm.save_pretrained(str(root / "trained_llm"))
     out = str(root / "pipe")
-    KelixPipeline.from_pretrained(**{**parts, "llm": str(root / "llm")}, **TINY).save_pretrained(out)
+    KelixPipeline.from_pretrained(**{**parts, "llm": str(root / "trained_llm")}, **TINY).save_pretrained(out)
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pipe(pipeline_dir):
     from kelix.pipeline import KelixPipeline
 
