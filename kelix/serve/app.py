@@ -98,9 +98,8 @@ def build_app(pipe, cfg, metrics: Metrics | None = None) -> FastAPI:
     async def next_event(job: Job) -> tuple:
         left = job.submitted + cfg.timeout_s - time.perf_counter()
         try:
-            async with asyncio.timeout(max(left, 0)):
-                return await job.events.get()
-        except TimeoutError:
+            return await asyncio.wait_for(job.events.get(), max(left, 0))
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
             job.cancelled = True
             metrics.cancelled.labels("timeout").inc()
             raise APIError(408, f"the request took over {cfg.timeout_s:g} s (--timeout) and was cancelled",

@@ -46,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"kelix serve needs {', '.join(missing)}: pip install 'kelix[serve]'")
     import uvicorn
 
     from kelix.pipeline_cli import _load

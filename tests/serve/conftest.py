@@ -1,15 +1,13 @@
-"""A tiny saved pipeline and a real server on a loopback port (uvicorn in a thread), shared per module."""
+"""A tiny saved pipeline (one per session) and real servers on loopback ports (uvicorn in a thread)."""
 
 from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
-import time
 
 import pytest
 
+from kelix.serve.background import BackgroundServer as Running  # noqa: F401 - the tests' name
 from tests.test_pipeline import build_parts
 
 KEY = "sk-kelix-test"
@@ -38,36 +36,6 @@ def pipe(pipeline_dir):
     from kelix.pipeline import KelixPipeline
 
     return KelixPipeline.from_pretrained(pipeline_dir)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    """A uvicorn server on a thread: ``url``, ``app``, and ``stop()``."""
-
-    def __init__(self, pipe, cfg):
-        import uvicorn
-
-        from kelix.serve.app import build_app
-
-        self.app = build_app(pipe, cfg)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def data_url(image, fmt: str = "PNG") -> str:

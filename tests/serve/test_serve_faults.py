@@ -18,8 +18,9 @@ import pytest
 
 import kelix.serve.batch
 import kelix.serve.engine
+from kelix.serve.background import free_port
 from kelix.serve.config import ServeConfig
-from tests.serve.conftest import Running, free_port
+from tests.serve.conftest import Running
 from tests.serve.test_serve import message, metric, picture
 
 
