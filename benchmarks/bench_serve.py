@@ -90,7 +90,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pipeline", help="a saved pipeline (default: the quickstart's shapes, random weights)")
     p.add_argument("--clients", default="1,4,16", help="concurrency levels (default: %(default)s)")
-    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch")
     p.add_argument("--batch-wait-ms", type=float, default=10.0)

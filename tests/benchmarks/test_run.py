@@ -14,6 +14,7 @@ FIELDS = {  # each benchmark's headline fields (benchmarks/README.md's table)
     "pq_encode": {"ours_over_faiss", "ours_over_gemm", "codes_equal"},
     "generate": {"fast_over_eager", "fast_over_eager_cpu", "codes_equal"},
     "data_stream": {"loader_samples_per_s", "step_samples_per_s", "loader_over_step"},
+    "serve": {"batched_over_max_batch_1", "batched", "max_batch_1"},
     "dit": set(), "llm": set(), "tokenizer": set(),
 }
 

@@ -206,3 +206,27 @@ def test_bad_flags_are_refused_before_loading(tmp_path, capsys):
         main(["serve", "--pipeline", str(tmp_path), "--max-batch", "0"])
     with pytest.raises(SystemExit, match="is not a directory"):
         main(["serve", "--pipeline", str(tmp_path), "--allow-local-files", str(tmp_path / "nope")])
+
+
+def test_local_files_are_read_only_under_the_allowed_directory(pipe, tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    picture(3).save(allowed / "ok.png")
+    picture(4).save(tmp_path / "secret.png")
+    (allowed / "link.png").symlink_to(tmp_path / "secret.png")
+
+    def ask(url, path):
+        return httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": path}},
+                                                      {"type": "text", "text": "What?"}]}],
+            "max_tokens": 6, "temperature": 0})
+
+    with Running(pipe, ServeConfig(allow_local_files=str(allowed))) as srv:
+        r = ask(srv.url, str(allowed / "ok.png"))
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"].strip() == \
+            pipe.understand(picture(3), "What?", max_new_tokens=6)
+        assert ask(srv.url, "file://" + str(allowed / "ok.png")).status_code == 200
+        for outside in (str(allowed / ".." / "secret.png"), str(allowed / "link.png")):
+            r = ask(srv.url, outside)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_path", outside
