@@ -26,7 +26,7 @@ from tests.serve.test_serve import message, metric, picture
 
 @pytest.fixture(scope="module")
 def server(pipe):
-    srv = Running(pipe, ServeConfig(max_batch=4, batch_wait_ms=200, max_queue=2, timeout_s=2.0))
+    srv = Running(pipe, ServeConfig(max_batch=4, batch_wait_ms=200, max_queue=4, timeout_s=2.0))
     yield srv
     srv.stop()
 
@@ -62,10 +62,10 @@ def hello(client) -> str:
 
 
 def test_a_full_queue_answers_429_then_serves_again(server, client, monkeypatch):
-    slow(monkeypatch, "engine.prepare_chat", 0.5)
-    with ThreadPoolExecutor(2) as pool:
-        busy = [pool.submit(hello, client) for _ in range(2)]
-        while httpx.get(server.url + "/health").json()["queue_depth"] < 2:
+    slow(monkeypatch, "engine.prepare_chat", 0.3)
+    with ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(hello, client) for _ in range(4)]
+        while httpx.get(server.url + "/health").json()["queue_depth"] < 4:
             time.sleep(0.01)
         with pytest.raises(openai.RateLimitError) as e:
             hello(client)
