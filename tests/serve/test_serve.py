@@ -85,14 +85,15 @@ def test_image_generation_returns_pngs_of_the_size_asked(client, pipe):
 
 
 def test_32_concurrent_clients_are_batched_and_answer_as_offline(server, client, pipe):
-    asks = [(picture(i), f"Question {i}: what is drawn?") for i in range(32)]
-    offline = [pipe.understand(img, q, max_new_tokens=MAX_TOKENS) for img, q in asks]
+    # answers of different lengths: rows leave the batch at different blocks and the rest go on
+    asks = [(picture(i), f"Question {i}: what is drawn?", 4 + i % 9) for i in range(32)]
+    offline = [pipe.understand(img, q, max_new_tokens=m) for img, q, m in asks]
     assert len(set(offline)) > 8  # the answers differ, so a row mixed up with another would show
     batches, requests = metric(server, 'kelix_batch_size_count{kind="chat"}'), \
         metric(server, 'kelix_batch_size_sum{kind="chat"}')
 
     def ask(a):
-        r = client.chat.completions.create(model="kelix", messages=message(*a), temperature=0, max_tokens=MAX_TOKENS)
+        r = client.chat.completions.create(model="kelix", messages=message(*a[:2]), temperature=0, max_tokens=a[2])
         return r.choices[0].message.content.strip()
 
     with ThreadPoolExecutor(32) as pool:
