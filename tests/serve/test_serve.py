@@ -75,6 +75,30 @@ def test_streaming_sends_the_same_answer_in_chunks(client):
     assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
 
 
+def test_stop_strings_end_the_answer_streamed_or_not(client, pipe):
+    from kelix.llm.generate import Sampling, generate_text, understanding_doc
+
+    img = picture(5)
+    doc = understanding_doc(pipe.lm, "Stop?", pipe.tokenizer.encode([img]))
+    ids = generate_text(pipe.lm, [doc], 20, Sampling(temperature=0))[0]
+    answer = pipe.lm.text_tokenizer.decode(ids, skip_special_tokens=True)
+    at = next(i for i in range(4, len(answer) - 2) if "\ufffd" not in answer[i:i + 2])
+    stop = answer[at:at + 2]
+    kw = dict(model="kelix", messages=message(img, "Stop?"), temperature=0, max_tokens=20, stop=[stop, "never!"])
+    r = client.chat.completions.create(**kw)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (answer[:answer.index(stop)], "stop")
+    chunks = [c.choices[0] for c in client.chat.completions.create(**kw, stream=True)]
+    assert "".join(c.delta.content or "" for c in chunks) == answer[:answer.index(stop)]
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_a_seeded_sampled_answer_repeats(client):
+    kw = dict(model="kelix", messages=message(picture(6), "Guess."), temperature=1.0, top_p=0.9, seed=5, max_tokens=8)
+    first, again = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(2))
+    other = client.chat.completions.create(**{**kw, "seed": 6}).choices[0].message.content
+    assert first == again and first != other
+
+
 def test_image_generation_returns_pngs_of_the_size_asked(client, pipe):
     r = client.images.generate(model="kelix", prompt="a red circle", size="32x16", n=2,
                                extra_body={"steps": 2, "seed": 3})
