@@ -230,3 +230,17 @@ def test_local_files_are_read_only_under_the_allowed_directory(pipe, tmp_path):
         for outside in (str(allowed / ".." / "secret.png"), str(allowed / "link.png")):
             r = ask(srv.url, outside)
             assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_path", outside
+
+
+def test_a_chat_only_pipeline_refuses_images_and_answers_n_choices(pipe):
+    from kelix.pipeline import KelixPipeline
+
+    chat_only = KelixPipeline(pipe.tokenizer, pipe.lm, None, pipe.config)
+    with Running(chat_only, ServeConfig()) as srv:
+        r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a cat"}, timeout=30)
+        assert r.status_code == 400 and (r.json()["error"]["param"], r.json()["error"]["code"]) == ("model", "unsupported")
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "messages": message(picture(7), "Two?"), "n": 2, "temperature": 0, "max_tokens": 6})
+        expected = pipe.understand(picture(7), "Two?", max_new_tokens=6)
+        assert [c["message"]["content"].strip() for c in r.json()["choices"]] == [expected, expected]
+        assert [c["index"] for c in r.json()["choices"]] == [0, 1]
