@@ -35,6 +35,7 @@ KIT_VERBS: dict[str, tuple[str, str]] = {
     "eval": ("kelix.eval.cli:main", "benchmarks: eval run (a pipeline on a benchmark), eval score, eval list"),
     "quickstart": ("kelix.quickstart:main", "the whole pipeline on tiny models and synthetic data, on CPU"),
     "estimate": ("kelix.estimate.cli:main", "parameters, memory per GPU, FLOPs and time of a recipe's run, before launch"),
+    "serve": ("kelix.serve.cli:main", "serve a pipeline behind an OpenAI-compatible HTTP API (batched)"),
     "ablate": ("kelix.ablate:main", "Tables 6/7 ablations: recipes/ablations/ suites, trained, scored, tabulated"),
 }
 

@@ -11,9 +11,8 @@ from kelix.pipeline import KelixPipeline, PipelineConfig
 from tests.dit.conftest import TINY_SANA
 
 
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    """Tiny random tokenizer, LLM and DiT, exported as their verbs would write them."""
+def build_parts(root) -> dict[str, str]:
+    """Tiny random tokenizer, LLM and DiT under ``root``, exported as their verbs would write them."""
     from kelix.dit.export import save_vae
     from kelix.dit.model import DiTConfig, KelixDiT
     from kelix.dit.vae import VAEConfig, load_vae
@@ -21,7 +20,6 @@ def parts(tmp_path_factory):
     from kelix.llm.model import KelixLM, LLMConfig
     from kelix.tokenizer.model import KelixTokenizer, tiny_config
 
-    root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
     KelixTokenizer(tiny_config()).save_pretrained(root / "tokenizer")
     KelixLM(LLMConfig(backbone_config=TINY_QWEN3, text_tokenizer="builtin:bytes", image_tokenizer=str(root / "tokenizer"),
@@ -30,6 +28,11 @@ def parts(tmp_path_factory):
     save_vae(load_vae(VAEConfig()), str(root / "dit" / "vae"))
     (root / "dit" / "flow.json").write_text(json.dumps({"shift": 3.0}))
     return {k: str(root / k) for k in ("tokenizer", "llm", "dit")}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    return build_parts(tmp_path_factory.mktemp("parts"))
 
 
 @pytest.fixture(scope="module")

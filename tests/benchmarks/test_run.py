@@ -15,6 +15,7 @@ FIELDS = {  # each benchmark's headline fields (benchmarks/README.md's table)
     "generate": {"fast_over_eager", "fast_over_eager_cpu", "codes_equal"},
     "data_stream": {"loader_samples_per_s", "step_samples_per_s", "loader_over_step"},
     "convert": {"seconds", "peak_rss_gib", "release_bytes", "seconds_extrapolated", "peak_rss_gib_extrapolated"},
+    "serve": {"batched_over_max_batch_1", "batched", "max_batch_1"},
     "dit": set(), "llm": set(), "tokenizer": set(),
 }
 
