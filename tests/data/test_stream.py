@@ -109,6 +109,30 @@ def test_shuffle_is_deterministic_by_seed_and_changes_order(tmp_path):
     assert plain == [f"s{i}x{j:05d}" for i in range(3) for j in range(20)]
 
 
+def test_shuffle_buffer_mixes_one_shard_and_yields_every_sample_once_per_epoch(tmp_path):
+    """One shard of 100 samples, a buffer of 8: the order is not the file order (a buffer always drawing
+    the same slot gives file order after a sample or two), and no sample is stranded in the buffer."""
+    shard = make_text_shards(tmp_path, "o", 1, 100)
+    keys = [f"o0x{i:05d}" for i in range(100)]
+    index = {k: i for i, k in enumerate(keys)}
+    once = list(ShardStream([Source(shard)], processor=KeyOnly(), repeat=False, shuffle_buffer=8, seed=5))
+    assert sorted(once) == keys
+    # file order would make all 99 neighbours consecutive; a buffer of 8 picks the next one ~1 time in 8
+    consecutive = sum(index[b] == index[a] + 1 for a, b in zip(once, once[1:]))
+    assert consecutive < 30, consecutive
+    # with `repeat` (training), 1000 draws are 10 epochs: reads 0..1007 less the 8 still buffered, so every
+    # sample comes out 9 to 11 times, and the buffer never holds a sample read two epochs ago (a buffer
+    # drawing one slot keeps its first samples forever; a random one keeps one 100 draws with p ~ 1e-6;
+    # between draws it holds 7: the popped slot is refilled on the next draw)
+    endless = ShardStream([Source(shard)], processor=KeyOnly(), repeat=True, shuffle_buffer=8, seed=5)
+    counts, it = Counter(), iter(endless)
+    for _ in range(10):
+        counts.update(itertools.islice(it, 100))
+        st = endless.state_dict()["sources"][0]
+        assert len(st["buffer"]) == 7 and min(e for e, _, _ in st["buffer"]) >= st["epoch"] - 1, st
+    assert set(counts) == set(keys) and 9 <= min(counts.values()) and max(counts.values()) <= 11
+
+
 def test_bad_samples_are_skipped_counted_and_the_rest_kept(tmp_path):
     good = {"segments": [{"type": "image", "image": "0.jpg"}, {"type": "text", "text": "ok"}]}
     records = [

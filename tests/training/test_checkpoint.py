@@ -88,6 +88,17 @@ def test_resume_never_picks_a_half_written_checkpoint(tmp_path):
     assert find_last_checkpoint(str(other)) is None
 
 
+def test_a_complete_last_wins_over_a_complete_old(tmp_path):
+    # killed after the new last.ckpt was in place but before last.ckpt.old was removed: both are
+    # complete, and resuming from .old would repeat a checkpoint interval
+    for name, tag in (("last.ckpt.old", "older"), ("last.ckpt", "newer")):
+        sharded_dir(tmp_path / "dirs" / name, tag)
+        (tmp_path / "files").mkdir(exist_ok=True)
+        torch.save({"tag": tag}, tmp_path / "files" / name)
+    assert find_last_checkpoint(str(tmp_path / "dirs")) == str(tmp_path / "dirs" / "last.ckpt")
+    assert find_last_checkpoint(str(tmp_path / "files")) == str(tmp_path / "files" / "last.ckpt")
+
+
 def test_sigterm_saves_last_at_the_end_of_the_step_and_exits_143(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = shard_recipe(tmp_path, max_steps=20)
