@@ -263,3 +263,27 @@ def test_img2dataset_shards_stream_as_captions_without_conversion(tmp_path):
     out = list(ShardStream([Source(shard)], repeat=False, shuffle_buffer=1))
     assert [(s.task, s.turns[0].parts[1].text, s.images[0].pixels.size) for s in out] == [
         ("caption", f"caption {i}", (32, 24)) for i in range(3)]
+
+
+def test_shard_order_is_reshuffled_every_epoch_and_shared_by_every_consumer(tmp_path):
+    """One consumer, 6 shards of 4 samples, no buffer: each epoch reads every shard once, in a new order."""
+    shards = make_text_shards(tmp_path, "e", 6, 4)
+    stream = ShardStream([Source(shards)], processor=KeyOnly(), repeat=True, shuffle_buffer=1, seed=2)
+    got = list(itertools.islice(stream, 24 * 4))
+    orders = [list(dict.fromkeys(k.split("x")[0] for k in got[e * 24:(e + 1) * 24])) for e in range(4)]
+    assert all(sorted(o) == [f"e{i}" for i in range(6)] for o in orders)
+    assert len({tuple(o) for o in orders}) > 1, orders  # the same order every epoch is no shuffle across epochs
+
+
+def test_consumers_shuffle_independently(tmp_path):
+    # 2 ranks, one shard each (20 samples): each rank's buffer draws from its own stream of numbers, so the
+    # within-shard orders differ (the same draws on every consumer would correlate every rank's batches)
+    shards = make_text_shards(tmp_path, "c", 2, 20)
+    orders = []
+    for rank in range(2):
+        s = ShardStream([Source(shards)], processor=KeyOnly(), repeat=False, shuffle_buffer=6, shuffle_shards=False)
+        s.set_distributed(rank, 2)
+        keys = list(s)
+        assert sorted(keys) == [f"c{rank}x{j:05d}" for j in range(20)]
+        orders.append([k.split("x")[1] for k in keys])
+    assert orders[0] != orders[1]

@@ -113,3 +113,15 @@ def test_sampling_feeds_the_transformer_the_timesteps_training_uses(monkeypatch)
     assert sampled.shape == trained.shape == (3,)
     assert torch.allclose(sampled, trained, rtol=1e-6)
     assert torch.allclose(trained, sigmas * 500 * 0.25, rtol=1e-6)
+
+
+def test_the_sampling_schedule_is_shifted_as_training_shifts_sigma():
+    # diffusers spaces the sigmas evenly from 1 down to its shifted sigma_min (1/num_train_timesteps shifted),
+    # then applies the training shift
+    from kelix.dit.flow import shift_sigma
+
+    sched = make_scheduler(shift=3.0, num_train_timesteps=1000)
+    sched.set_timesteps(4)
+    want = shift_sigma(torch.linspace(1.0, float(shift_sigma(torch.tensor(1e-3), 3.0)), 4), 3.0)
+    torch.testing.assert_close(sched.sigmas[:4].float(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sched.timesteps.float(), want * 1000, rtol=0, atol=1e-2)

@@ -72,3 +72,9 @@ def test_ocrbench_match():
 def test_last_number():
     assert last_number("first 3, so the answer is 1,250.5.") == 1250.5
     assert last_number("none here") is None
+
+
+def test_relaxed_accuracy_includes_the_5_percent_bound():
+    # ChartQA's rule is relative error <= 5%: exactly 5% off is right, just over is wrong
+    assert relaxed_accuracy("105", "100") == relaxed_accuracy("95", "100") == 1.0
+    assert relaxed_accuracy("105.1", "100") == relaxed_accuracy("94.9", "100") == 0.0

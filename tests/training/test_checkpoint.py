@@ -109,3 +109,12 @@ def test_sigterm_saves_last_at_the_end_of_the_step_and_exits_143(tmp_path, monke
     assert e.value.code == PREEMPTED_EXIT_CODE == 143
     ckpt = torch.load(tmp_path / "runs/r/version_0/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3  # the signal came during step 2; the step finished, then saved
+
+
+def test_last_is_saved_at_the_final_step_between_periodic_saves(tmp_path, monkeypatch):
+    # every 2 steps, 3 steps in all: a resume must start from step 3, not from the periodic save of step 2
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(shard_recipe(tmp_path, max_steps=3, every=2)))
+    main(["fit", "--config", "r.yaml"])
+    ckpt = torch.load(tmp_path / "runs/r/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
