@@ -109,6 +109,30 @@ def test_shuffle_is_deterministic_by_seed_and_changes_order(tmp_path):
     assert plain == [f"s{i}x{j:05d}" for i in range(3) for j in range(20)]
 
 
+def test_shuffle_buffer_mixes_one_shard_and_yields_every_sample_once_per_epoch(tmp_path):
+    """One shard of 100 samples, a buffer of 8: the order is not the file order (a buffer always drawing
+    the same slot gives file order after a sample or two), and no sample is stranded in the buffer."""
+    shard = make_text_shards(tmp_path, "o", 1, 100)
+    keys = [f"o0x{i:05d}" for i in range(100)]
+    index = {k: i for i, k in enumerate(keys)}
+    once = list(ShardStream([Source(shard)], processor=KeyOnly(), repeat=False, shuffle_buffer=8, seed=5))
+    assert sorted(once) == keys
+    # file order would make all 99 neighbours consecutive; a buffer of 8 picks the next one ~1 time in 8
+    consecutive = sum(index[b] == index[a] + 1 for a, b in zip(once, once[1:]))
+    assert consecutive < 30, consecutive
+    # with `repeat` (training), 1000 draws are 10 epochs: reads 0..1007 less the 8 still buffered, so every
+    # sample comes out 9 to 11 times, and the buffer never holds a sample read two epochs ago (a buffer
+    # drawing one slot keeps its first samples forever; a random one keeps one 100 draws with p ~ 1e-6;
+    # between draws it holds 7: the popped slot is refilled on the next draw)
+    endless = ShardStream([Source(shard)], processor=KeyOnly(), repeat=True, shuffle_buffer=8, seed=5)
+    counts, it = Counter(), iter(endless)
+    for _ in range(10):
+        counts.update(itertools.islice(it, 100))
+        st = endless.state_dict()["sources"][0]
+        assert len(st["buffer"]) == 7 and min(e for e, _, _ in st["buffer"]) >= st["epoch"] - 1, st
+    assert set(counts) == set(keys) and 9 <= min(counts.values()) and max(counts.values()) <= 11
+
+
 def test_bad_samples_are_skipped_counted_and_the_rest_kept(tmp_path):
     good = {"segments": [{"type": "image", "image": "0.jpg"}, {"type": "text", "text": "ok"}]}
     records = [
@@ -239,3 +263,27 @@ def test_img2dataset_shards_stream_as_captions_without_conversion(tmp_path):
     out = list(ShardStream([Source(shard)], repeat=False, shuffle_buffer=1))
     assert [(s.task, s.turns[0].parts[1].text, s.images[0].pixels.size) for s in out] == [
         ("caption", f"caption {i}", (32, 24)) for i in range(3)]
+
+
+def test_shard_order_is_reshuffled_every_epoch_and_shared_by_every_consumer(tmp_path):
+    """One consumer, 6 shards of 4 samples, no buffer: each epoch reads every shard once, in a new order."""
+    shards = make_text_shards(tmp_path, "e", 6, 4)
+    stream = ShardStream([Source(shards)], processor=KeyOnly(), repeat=True, shuffle_buffer=1, seed=2)
+    got = list(itertools.islice(stream, 24 * 4))
+    orders = [list(dict.fromkeys(k.split("x")[0] for k in got[e * 24:(e + 1) * 24])) for e in range(4)]
+    assert all(sorted(o) == [f"e{i}" for i in range(6)] for o in orders)
+    assert len({tuple(o) for o in orders}) > 1, orders  # the same order every epoch is no shuffle across epochs
+
+
+def test_consumers_shuffle_independently(tmp_path):
+    # 2 ranks, one shard each (20 samples): each rank's buffer draws from its own stream of numbers, so the
+    # within-shard orders differ (the same draws on every consumer would correlate every rank's batches)
+    shards = make_text_shards(tmp_path, "c", 2, 20)
+    orders = []
+    for rank in range(2):
+        s = ShardStream([Source(shards)], processor=KeyOnly(), repeat=False, shuffle_buffer=6, shuffle_shards=False)
+        s.set_distributed(rank, 2)
+        keys = list(s)
+        assert sorted(keys) == [f"c{rank}x{j:05d}" for j in range(20)]
+        orders.append([k.split("x")[1] for k in keys])
+    assert orders[0] != orders[1]

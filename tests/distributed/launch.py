@@ -121,8 +121,8 @@ def batches_seen(key_dir, rank: int = 0) -> int:
         return sum(1 for _ in f)
 
 
-def key_sequence(key_dir, world: int = 2) -> dict[int, list[tuple[int, list[str], float]]]:
-    """Per rank, ``(batch index, keys, RNG draw)`` of each training batch; a replayed batch (after a
+def key_sequence(key_dir, world: int = 2) -> dict[int, list[tuple[int, list[str], list[float]]]]:
+    """Per rank, ``(batch index, keys, RNG draws)`` of each training batch; a replayed batch (after a
     resume) replaces the earlier record of the same index, so this is what the final model saw."""
     out = {}
     for rank in range(world):

@@ -52,6 +52,12 @@ def test_reference_run_is_sharded_and_skips_the_nan_step_on_every_rank(reference
     steps = read_sharded(ckpt, "optimizer_0.state.")
     assert {float(v) for k, v in steps.items() if k.endswith(".step")} == {STEPS - 1.0}  # AdamW skipped one update
     assert not os.path.exists(ckpt + ".tmp") and not os.path.exists(ckpt + ".old")
+    # the global RNG draws the same on both ranks, the per-rank generators differ: a resume that gives
+    # every rank rank 0's states would change rank 1's draws, which assert_same_keys compares
+    seq = launch.key_sequence(reference["keys"])
+    assert [n[0] for _, _, n in seq[0]] == [n[0] for _, _, n in seq[1]]
+    assert all(a[2][1] != b[2][1] for a, b in zip(seq[0], seq[1]))
+    assert len(m["kelix"]["rng"][1]["generators"]) == 1
 
 
 def test_stop_then_resume_equals_the_uninterrupted_run(reference, shards, tmp_path):

@@ -45,6 +45,7 @@ class ToyLM(KelixModule):
         torch.manual_seed(0)  # identical initial weights on every rank and in every run
         self.lm = load_causal_lm(config=dict(TINY_QWEN3, num_hidden_layers=2))
         self.nan_at_step, self.nan_rank = nan_at_step, nan_rank
+        self._gen: torch.Generator | None = None
 
     def step(self, batch, split):
         ids = batch["ids"]
@@ -55,11 +56,18 @@ class ToyLM(KelixModule):
                 loss = loss * float("nan")
         if split == "train" and self.trainer.fit_loop.total_batch_idx in self.nan_batches:
             loss = loss * float("inf")
-        # a draw from the global RNG, recorded with the keys: a resumed run must restore the RNG to match
-        noise = torch.rand(())
+        # a draw from the global RNG (the same on every rank) and one from a per-rank generator (as the
+        # DiT's noise, timesteps and dropout), recorded with the keys: a resumed run must restore both,
+        # each rank its own
+        noise, own = torch.rand(()), torch.rand((), generator=self._rank_rng())
         if split == "train":
-            self.last_noise = float(noise)
+            self.last_noise = [float(noise), float(own)]
         return {"loss": loss, "noise": noise}
+
+    def _rank_rng(self) -> torch.Generator:
+        if self._gen is None:  # created lazily, like the DiT's: a resume restores it before the first step
+            self._gen = torch.Generator().manual_seed(1234 + 1_000_003 * self.global_rank)
+        return self._gen
 
     def parallel_blocks(self):
         return list(self.lm.model.layers)
@@ -69,7 +77,7 @@ class KeyRecorder(pl.Callback):
     """Append ``{"rank", "batch", "step", "keys", "noise"}`` per training batch to ``<dir>/keys.<rank>.jsonl``.
 
     ``batch`` counts batches over the whole run (epochs included), and is restored on resume;
-    ``noise`` is the model's draw from the global RNG in that batch.
+    ``noise`` is the model's draws in that batch: ``[global RNG, this rank's own generator]``.
     """
 
     def __init__(self, out_dir: str):

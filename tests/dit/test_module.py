@@ -219,3 +219,29 @@ def test_export_reads_a_sharded_checkpoint_directory(fitted, tmp_path):
     assert meta["dit"]["cond_dim"] == COND_DIM and "connector.0.weight" in live
     export(str(sharded), str(tmp_path / "out"), with_vae=False)
     assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "vae").exists()
+
+
+def test_condition_dropout_drops_its_share_of_the_batch():
+    b = 64
+    batch = {"latents": torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(0)), "batch_size": b,
+             "prompts": ["a red circle"] * b}
+    for p, low, high in ((0.25, 0.1, 0.4), (0.9, 0.75, 1.0)):
+        m = tiny_module(cond_dropout=p)
+        m._gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            got = m.step(batch, "train")["cond_dropped"].item()
+        assert low <= got <= high, (p, got)
+
+
+def test_each_rank_draws_its_own_noise_and_timesteps():
+    # seed_everything gives every rank the same global seed: the DiT's own generator must differ per rank,
+    # or every rank trains on the same sigmas, noise and dropout
+    from types import SimpleNamespace
+
+    draws = []
+    for rank in (0, 1, 1):
+        torch.manual_seed(7)
+        m = tiny_module()
+        m._trainer = SimpleNamespace(global_rank=rank)
+        draws.append(torch.rand(8, generator=m._rng()))
+    assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[1], draws[2])

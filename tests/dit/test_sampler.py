@@ -150,3 +150,13 @@ def test_release_sampler_calls_the_dit_at_its_timesteps_and_steps_euler(dit):
     assert all(d is None for _, d in seen)
     with pytest.raises(ValueError, match="sigma_schedule 'cosine'"):
         sample_latents(Constant(), states, mask, latent_size=(2, 2), steps=4, sigma_schedule="cosine")
+def test_the_sampling_schedule_is_shifted_as_training_shifts_sigma():
+    # diffusers spaces the sigmas evenly from 1 down to its shifted sigma_min (1/num_train_timesteps shifted),
+    # then applies the training shift
+    from kelix.dit.flow import shift_sigma
+
+    sched = make_scheduler(shift=3.0, num_train_timesteps=1000)
+    sched.set_timesteps(4)
+    want = shift_sigma(torch.linspace(1.0, float(shift_sigma(torch.tensor(1e-3), 3.0)), 4), 3.0)
+    torch.testing.assert_close(sched.sigmas[:4].float(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sched.timesteps.float(), want * 1000, rtol=0, atol=1e-2)

@@ -108,3 +108,9 @@ def test_ocrbench_match():
     hme = "Handwritten Mathematical Expression Recognition"
     assert ocrbench_match("x ^ { 2 } + y", ["x^{2}+y"], hme) == 1.0  # spaces removed
     assert ocrbench_match("X^{2}+y", ["x^{2}+y"], hme) == 0.0  # case kept for formulas
+
+
+def test_relaxed_accuracy_includes_the_5_percent_bound():
+    # ChartQA's rule is relative error <= 5%: exactly 5% off is right, just over is wrong
+    assert relaxed_accuracy("105", "100") == relaxed_accuracy("95", "100") == 1.0
+    assert relaxed_accuracy("105.1", "100") == relaxed_accuracy("94.9", "100") == 0.0

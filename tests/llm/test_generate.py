@@ -14,6 +14,7 @@ from kelix.llm.generate import (
     default_stop_ids,
     generate_image,
     generate_text,
+    masked_logits,
     sample_ids,
     text_banned_ids,
     understanding_doc,
@@ -45,6 +46,14 @@ def test_sample_ids_top_k_top_p_on_known_logits():
     assert draws == {0, 1}  # 0.5 < 0.7 so id 1 is needed; 0.8 >= 0.7 so id 2 is not
     draws = {int(sample_ids(logits, Sampling(top_p=0.45), g)) for _ in range(100)}
     assert draws == {0}
+
+
+
+def test_temperature_divides_the_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.testing.assert_close(masked_logits(logits, Sampling(temperature=2.0)), logits / 2)
+    # below 1 sharpens: the likeliest id gets more than its 0.5
+    assert masked_logits(logits, Sampling(temperature=0.5)).softmax(-1)[0, 0] > 0.6
 
 
 def test_text_kv_cache_equals_recomputation(lm):

@@ -193,3 +193,16 @@ def test_code_vectors_are_cached_in_eval_and_recomputed_when_weights_change():
     q.eval()
     out = q.code_vectors()  # grad enabled and trainable weights: the graph is kept, nothing cached
     assert out.requires_grad and len(calls) == 5
+
+
+@pytest.mark.parametrize("mode", ["pq", "shared", "rvq"])
+def test_straight_through_passes_the_gradient_of_z_q_to_z_unchanged(mode, monkeypatch):
+    """dL/dz = dL/dz_q exactly (the identity, sign included); in rvq slot 0 carries it for the whole vector."""
+    torch.manual_seed(0)
+    q = ProductQuantizer(in_dim=24, N=3, K=40, d=8, centroid_dim=12, mode=mode)
+    z = torch.randn(50, 1 if mode == "rvq" else 3, 8, requires_grad=True)
+    monkeypatch.setattr(q, "continuous", lambda x: z)
+    out = q(torch.zeros(50, 24))
+    w = torch.randn(out.z_q.shape)
+    (out.z_q * w).sum().backward()
+    assert torch.equal(z.grad, w[:, :1] if mode == "rvq" else w)

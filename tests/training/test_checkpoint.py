@@ -88,6 +88,17 @@ def test_resume_never_picks_a_half_written_checkpoint(tmp_path):
     assert find_last_checkpoint(str(other)) is None
 
 
+def test_a_complete_last_wins_over_a_complete_old(tmp_path):
+    # killed after the new last.ckpt was in place but before last.ckpt.old was removed: both are
+    # complete, and resuming from .old would repeat a checkpoint interval
+    for name, tag in (("last.ckpt.old", "older"), ("last.ckpt", "newer")):
+        sharded_dir(tmp_path / "dirs" / name, tag)
+        (tmp_path / "files").mkdir(exist_ok=True)
+        torch.save({"tag": tag}, tmp_path / "files" / name)
+    assert find_last_checkpoint(str(tmp_path / "dirs")) == str(tmp_path / "dirs" / "last.ckpt")
+    assert find_last_checkpoint(str(tmp_path / "files")) == str(tmp_path / "files" / "last.ckpt")
+
+
 def test_sigterm_saves_last_at_the_end_of_the_step_and_exits_143(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = shard_recipe(tmp_path, max_steps=20)
@@ -98,3 +109,12 @@ def test_sigterm_saves_last_at_the_end_of_the_step_and_exits_143(tmp_path, monke
     assert e.value.code == PREEMPTED_EXIT_CODE == 143
     ckpt = torch.load(tmp_path / "runs/r/version_0/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3  # the signal came during step 2; the step finished, then saved
+
+
+def test_last_is_saved_at_the_final_step_between_periodic_saves(tmp_path, monkeypatch):
+    # every 2 steps, 3 steps in all: a resume must start from step 3, not from the periodic save of step 2
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(shard_recipe(tmp_path, max_steps=3, every=2)))
+    main(["fit", "--config", "r.yaml"])
+    ckpt = torch.load(tmp_path / "runs/r/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3

@@ -22,6 +22,13 @@ def test_groups_split_lr_and_decay_and_skip_frozen():
     assert groups["default_no_decay"]["weight_decay"] == 0.0
 
 
+def test_the_first_matching_group_lr_prefix_wins():
+    cfg = OptimConfig(lr=1e-3, group_lr={"encoder.": 1e-5, "enc": 1e-4, "head": 2e-4})
+    groups = {g["name"]: g for g in param_groups(Net(), cfg)}
+    assert groups["encoder"]["lr"] == 1e-5 and groups["encoder"]["names"] == ["encoder.weight"]
+    assert groups["head"]["lr"] == 2e-4 and "enc" not in groups
+
+
 def test_no_trainable_parameters_is_an_error():
     with pytest.raises(ValueError, match="no trainable parameters"):
         param_groups(torch.nn.Linear(2, 2).requires_grad_(False), OptimConfig())

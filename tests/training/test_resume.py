@@ -41,3 +41,21 @@ def test_rank_state_of_another_world_size():
     assert pick_rank_state([1, 2], "x", strict=False) is None
     with pytest.raises(ValueError, match="x was saved by 2 process\\(es\\) but is resumed by 1"):
         pick_rank_state([1, 2], "x", strict=True)
+
+
+def test_each_rank_restores_its_own_rng_state(monkeypatch):
+    # rank 1 of 2 loading a checkpoint whose rank-0 and rank-1 generators differ (the DiT seeds one per rank)
+    from kelix.training import resume
+    from kelix.training.module import KelixModule
+
+    states = []
+    for rank in range(2):
+        owner = Owner()
+        owner._gen.manual_seed(100 + rank)
+        states.append(collect_rng_state(owner))
+    monkeypatch.setattr(resume, "_dist_world", lambda: (1, 2))
+    module = KelixModule()
+    module.on_load_checkpoint({"kelix": {"skipped_steps": 3, "rng": states}})
+    set_rng_state(module._pending_rng, owner=module)
+    assert torch.equal(torch.rand(4, generator=module._gen), torch.rand(4, generator=torch.Generator().manual_seed(101)))
+    assert module.skipped_steps == 3
