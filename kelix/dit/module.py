@@ -73,7 +73,8 @@ class DiTModule(KelixModule):
     """Flow-matching training of the DiT de-tokenizer on frozen VAE latents and frozen conditions.
 
     Args:
-        dit: the network (connector + SANA transformer).
+        dit: the network (connector + SANA transformer). Unset with ``init_from`` an exported DiT (or a
+            pipeline directory): that directory's ``config.json`` (e.g. a converted release's options).
         vae: the frozen VAE: target pixels -> latents on the device; decodes the sample images.
         condition: the frozen condition provider, by ``class_path``: ``kelix.dit.conditions.PrecomputedConditions``
             (``cond.npy`` in shards), ``LLMConditions`` (the frozen Kelix LLM on the target's codes),
@@ -117,11 +118,17 @@ class DiTModule(KelixModule):
             raise ValueError(f"val_weights {val_weights!r} is not 'ema' or 'live'")
         self.flow = flow or FlowConfig()
         self.vae_config = vae or VAEConfig()
-        self.dit = KelixDiT(copy.deepcopy(dit or DiTConfig()))
         if init_from is not None:
             from kelix.training.weights import pipeline_part
 
             init_from = pipeline_part(init_from, "dit")  # a pipeline directory: its DiT
+            if dit is None and os.path.isfile(os.path.join(init_from, "config.json")):
+                import json
+
+                with open(os.path.join(init_from, "config.json")) as f:  # the architecture comes with the weights
+                    dit = DiTConfig(**json.load(f))
+        self.dit = KelixDiT(copy.deepcopy(dit or DiTConfig()))
+        if init_from is not None:
             missing, unexpected = self.dit.load_state_dict(dit_weights(init_from), strict=False)
             if missing or unexpected:
                 raise ValueError(f"init_from {init_from}: {len(missing)} DiT tensor(s) missing (e.g. {missing[:2]}), "

@@ -1,6 +1,7 @@
 """A stand-in for ``kelix convert official`` output with config files only (no weights): the estimate reads
-nothing else. Sizes are the release's: a Qwen3-8B backbone with 151,936 text + 65,536 visual rows, N=8,
-K=8192, a width-512 block decoder; a 0.69B-parameter ViT tokenizer; the SANA-1.6B DiT with DC-AE f32c32."""
+nothing else. The LLM's and tokenizer's configs are the converter's own for the release's config (a Qwen3-8B
+backbone with 151,936 text + 65,536 visual rows, N=8, K=8192, the release's block decoder, the 27 x 1152
+Keye NaViT); the DiT is SANA-1.6B with DC-AE f32c32."""
 
 from __future__ import annotations
 
@@ -23,19 +24,22 @@ def _write(path, obj):
 
 
 def write_release(root) -> str:
-    """``root/exports/kelix/{llm,tokenizer,dit}`` config files; returns ``root``."""
+    """``root/exports/kelix/{llm,tokenizer,dit}`` config files, as ``kelix convert official`` writes them for the
+    release's config (benchmarks/bench_convert.py's ``RELEASE``); returns ``root``."""
     import dataclasses
 
-    from kelix.data.images import ImageConfig
-    from kelix.tokenizer.encoder import EncoderConfig
+    from benchmarks.bench_convert import RELEASE
+    from kelix.llm.config import LLMConfig
+    from kelix.official.config import read_release
     from kelix.tokenizer.model import TokenizerConfig
 
     out = os.path.join(str(root), "exports", "kelix")
-    _write(os.path.join(out, "llm", "config.json"), LLM)
-    _write(os.path.join(out, "llm", "backbone", "config.json"), {**QWEN3_8B, "architectures": ["Qwen3ForCausalLM"]})
-    tok = TokenizerConfig(codebook_form="table", out_dim=4096, image=ImageConfig(patch_size=14, merge_size=2),
-                          encoder=EncoderConfig(kwargs=dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14)))
-    _write(os.path.join(out, "tokenizer", "config.json"), dataclasses.asdict(tok))
+    _write(os.path.join(out, "sft", "config.json"), RELEASE)
+    rel = read_release(os.path.join(out, "sft"))
+    _write(os.path.join(out, "llm", "config.json"), dataclasses.asdict(LLMConfig(**rel.llm_config("{row},{cols}"))))
+    _write(os.path.join(out, "llm", "backbone", "config.json"),
+           {**rel.backbone_config(), "architectures": ["Qwen3ForCausalLM"]})
+    _write(os.path.join(out, "tokenizer", "config.json"), dataclasses.asdict(TokenizerConfig(**rel.tokenizer_config())))
     _write(os.path.join(out, "dit", "vae", "config.json"), DCAE_F32C32)
     return str(root)
 
