@@ -209,12 +209,17 @@ def main(argv: list[str]) -> int:
         return 2
     import logging
 
-    for name in ("kelix", "transformers", "diffusers"):  # building on meta says nothing worth reading
-        logging.getLogger(name).setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("kelix", "transformers", "diffusers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # building on meta says nothing worth reading (restored after: a caller's logging stays)
+        lg.setLevel(logging.ERROR)
     try:
         est = estimate(a.config, a.gpus, a.gpu_mem, a.mfu, a.tokens_per_step, a.peak_tflops, a.visual_frac)
     except (RecipeError, FileNotFoundError, KeyError, TypeError) as e:
         print(f"kelix estimate: {e}", file=sys.stderr)
         return 2
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     print(render(est, a.config, a.mfu))
     return 0 if est.fits else 1
