@@ -58,17 +58,22 @@ def main(argv: list[str] | None = None) -> int | None:
 
         print(f"kelix {__version__}")
         return 0
+    from kelix.console.errors import debug_requested, one_line_errors  # input errors: one line (--debug: all)
+
+    debug = debug_requested(argv)
     verb, rest = argv[0], argv[1:]
     if verb in LIGHTNING_VERBS:
         from kelix.training.cli import run_lightning_cli
 
-        run_lightning_cli([verb, *rest])
+        with one_line_errors(verb, rest, debug):
+            run_lightning_cli([verb, *rest])
         return 0
     if verb in KIT_VERBS:
         import importlib
 
         module, func = KIT_VERBS[verb][0].split(":")
-        return getattr(importlib.import_module(module), func)(rest)
+        with one_line_errors(verb, rest, debug):
+            return getattr(importlib.import_module(module), func)(rest)
     print(f"kelix: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 
