@@ -88,6 +88,13 @@ def test_missing_init_from_names_key_value_and_what_to_run(no_training, capfd):
                     " first (kelix fit --config recipes/llm/stage2_2_multitask.yaml) or set model.init_args.init_from")
 
 
+def test_missing_shard_pattern_is_one_line_before_training(no_training, capfd):
+    line = _fails_in_one_line(["fit", "--config", os.path.join(ROOT, "recipes/quickstart/dit.yaml"),
+                               "--data.init_args.synthetic", "null"], capfd)  # nothing generates the shards
+    assert line.startswith("kelix fit: data source 'data/synthetic/")
+    assert "matches no file: set data.init_args.train[0]" in line
+
+
 def test_misspelled_key_suggests_the_nearest(no_training, capfd):
     base = ["fit", "--config", os.path.join(ROOT, "recipes/quickstart/llm.yaml")]
     line = _fails_in_one_line([*base, "--modell.init_args.lr", "1"], capfd)

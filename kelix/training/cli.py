@@ -86,21 +86,25 @@ class KelixCLI(LightningCLI):
             super()._set_seed()
 
     def instantiate_classes(self):
-        # the kit's log lines while building wait: on an input error, the one line says it all
+        # the kit's and Lightning's log lines while building wait: on an input error, the one line says it all
         held = logging.handlers.BufferingHandler(capacity=10_000)
-        kelix_log = logging.getLogger("kelix")
-        kelix_log.addHandler(held)
-        propagate, kelix_log.propagate = kelix_log.propagate, False
+        loggers = [logging.getLogger(n) for n in ("kelix", "lightning.pytorch", "lightning.fabric")]
+        saved = [(lg.handlers, lg.propagate) for lg in loggers]
+        for lg in loggers:
+            lg.handlers, lg.propagate = [held], False
         try:
             self._before_instantiate()
             super().instantiate_classes()
+            check = getattr(self.datamodule, "check_inputs", None)  # shard patterns: before any work
+            if callable(check) and self.subcommand:
+                check(self.subcommand)
         except Exception as e:  # a recipe's input, found missing or wrong while building: the user's error
             e.kelix_setup = True
             e.kelix_config = self.config[self.subcommand] if self.subcommand else self.config
             raise
         finally:
-            kelix_log.removeHandler(held)
-            kelix_log.propagate = propagate
+            for lg, (handlers, propagate) in zip(loggers, saved, strict=True):
+                lg.handlers, lg.propagate = handlers, propagate
         for record in held.buffer:
             logging.getLogger(record.name).handle(record)
 
