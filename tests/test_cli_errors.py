@@ -139,3 +139,21 @@ def test_kit_verb_input_errors_are_one_line(no_training, capfd):
     assert "did you mean --pipeline?" in line
     line = _fails_in_one_line(["build-codebook", "--config", "missing.yaml"], capfd)
     assert "missing.yaml" in line and line.startswith("kelix build-codebook: ")
+
+
+def test_kit_verb_value_errors_the_kit_raises_are_one_line(no_training, capfd, monkeypatch):
+    import json
+
+    import kelix.pipeline_cli
+
+    # build-codebook checks the recipe's tokenizer.centroid_dim against the encoder's widths (a ValueError)
+    line = _fails_in_one_line(["build-codebook", "--config", os.path.join(ROOT, "recipes/quickstart/tokenizer.yaml"),
+                               "--shards", "none-*.tar"], capfd)
+    assert line == "kelix build-codebook: tokenizer.centroid_dim 64 is neither the patch width 32 nor the merged width 128"
+
+    def library_bug(argv):
+        return json.loads("{")  # a ValueError raised inside a library: a bug, its traceback stays
+
+    monkeypatch.setattr(kelix.pipeline_cli, "generate", library_bug)
+    with pytest.raises(json.JSONDecodeError):
+        main(["generate", "x"])

@@ -2,9 +2,9 @@
 
 ``kelix fit|validate|test|predict`` and the kit verbs run under :func:`one_line_errors`. An input error
 (a missing file or directory, an unknown or misspelled key, a value of the wrong type, an overlay recipe
-given without its base) prints ``kelix <verb>: <line>`` on stderr and exits 2. Anything raised once
-training runs, and any other exception (a bug), keeps its traceback. ``--debug`` or ``KELIX_DEBUG=1``
-shows every traceback.
+given without its base, a ValueError a kit verb raises itself) prints ``kelix <verb>: <line>`` on stderr and
+exits 2. Anything raised once training runs, and any other exception (a ValueError from inside a library
+included: a bug), keeps its traceback. ``--debug`` or ``KELIX_DEBUG=1`` shows every traceback.
 
 Stdlib only: ``kelix --help`` imports this.
 """
@@ -54,7 +54,18 @@ def is_input_error(exc: BaseException) -> bool:
         return False
     if getattr(exc, "kelix_setup", False):  # raised while the Lightning CLI parsed or built the recipe
         return isinstance(chain(exc)[-1], (OSError, ValueError, KeyError)) or _named_input_error(exc)
-    return any(isinstance(e, _PATH_ERRORS) or type(e).__name__ in _INPUT_ERROR_NAMES for e in chain(exc))
+    if any(isinstance(e, _PATH_ERRORS) or type(e).__name__ in _INPUT_ERROR_NAMES for e in chain(exc)):
+        return True
+    root = chain(exc)[-1]  # a ValueError the kit raised itself checks an input; one from a library is a bug
+    return isinstance(root, ValueError) and _raised_by_kit(root)
+
+
+def _raised_by_kit(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    kit = str(Path(__file__).resolve().parents[1])
+    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(kit)
 
 
 def _named_input_error(exc: BaseException) -> bool:
