@@ -45,6 +45,7 @@ def _usage() -> str:
     lines += ["", "kit verbs:"]
     lines += [f"  {v:<{width}}{h}" for v, (_, h) in sorted(KIT_VERBS.items())]
     lines += ["", "Recipes live in recipes/; several --config files merge left to right; --print_config shows the result."]
+    lines += ["An input error is one line; kelix <verb> --debug (or KELIX_DEBUG=1) shows its traceback."]
     return "\n".join(lines)
 
 
