@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> int | None:
         module, func = KIT_VERBS[verb][0].split(":")
         with one_line_errors(verb, rest, debug):
             return getattr(importlib.import_module(module), func)(rest)
-    print(f"kelix: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+    import difflib
+
+    near = difflib.get_close_matches(verb, [*LIGHTNING_VERBS, *KIT_VERBS], n=1)
+    print(f"kelix: unknown verb {verb!r}{f': did you mean {near[0]}?' if near else ''} (kelix --help lists the verbs)",
+          file=sys.stderr)
     return 2
 
 

@@ -213,6 +213,10 @@ def explain(exc: BaseException, configs: list[str] = (), options: list[str] = ()
     if m:
         bad = m.group(1).split("=")[0]
         return f"unknown option {bad}" + _did_you_mean(bad, options)
+    m = re.search(r"does not accept option '([^']+)'", line)  # a misspelled key in a config file
+    if m:
+        near = _did_you_mean(f"--{m.group(1)}", options).replace("--", "")
+        return f"unknown key {m.group(1)}" + near
     m = re.match(r"Option '([^']+)' is not accepted", line)
     if m:
         overlay = _overlay_line(configs)
