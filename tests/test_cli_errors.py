@@ -88,6 +88,12 @@ def test_missing_init_from_names_key_value_and_what_to_run(no_training, capfd):
                     " first (kelix fit --config recipes/llm/stage2_2_multitask.yaml) or set model.init_args.init_from")
 
 
+def test_missing_codebook_names_the_verb_that_makes_it(no_training, capfd):
+    line = _fails_in_one_line(["fit", "--config", os.path.join(ROOT, "recipes/quickstart/tokenizer.yaml")], capfd)
+    assert line == ("kelix fit: codebook 'runs/tokenizer/codebook.safetensors' does not exist: make it first "
+                    "(kelix build-codebook) or set model.init_args.tokenizer.codebook")
+
+
 def test_missing_shard_pattern_is_one_line_before_training(no_training, capfd):
     line = _fails_in_one_line(["fit", "--config", os.path.join(ROOT, "recipes/quickstart/dit.yaml"),
                                "--data.init_args.synthetic", "null"], capfd)  # nothing generates the shards

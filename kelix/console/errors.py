@@ -175,7 +175,8 @@ def hint(path: str, configs: list[str]) -> str:
         end = _mentions(reads, path)
         m = re.match(r"\s*\(([^()]*)\)", reads[end:]) if end >= 0 else None
         if m and re.search(rf"kelix|recipes/|\.yaml|\b({verbs})\b", m.group(1)):
-            return f"make it first ({m.group(1)})"
+            how = f"kelix {m.group(1)}" if m.group(1) in KIT_VERBS else m.group(1)  # a bare verb name
+            return f"make it first ({how})"
     return ""
 
 
