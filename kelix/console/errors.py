@@ -53,7 +53,7 @@ def is_input_error(exc: BaseException) -> bool:
     if getattr(exc, "kelix_in_run", False):  # raised once training ran: a bug must stay visible
         return False
     if getattr(exc, "kelix_setup", False):  # raised while the Lightning CLI parsed or built the recipe
-        return isinstance(chain(exc)[-1], (OSError, ValueError, KeyError)) or _named_input_error(exc)
+        return isinstance(chain(exc)[-1], (OSError, ValueError)) or _named_input_error(exc)
     if any(isinstance(e, _PATH_ERRORS) or type(e).__name__ in _INPUT_ERROR_NAMES for e in chain(exc)):
         return True
     root = chain(exc)[-1]  # a ValueError the kit raised itself checks an input; one from a library is a bug
@@ -270,16 +270,13 @@ def one_line_errors(verb: str, argv: list[str], debug: bool):
         return
     configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
     configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    patch = contextlib.ExitStack()
     from unittest import mock
 
     # argparse's usage dump in front of a one-word mistake says less than one line with the nearest option
-    patch.enter_context(mock.patch.object(argparse.ArgumentParser, "error", _one_line_argparse_error))
+    patch = mock.patch.object(argparse.ArgumentParser, "error", _one_line_argparse_error)
     try:
         with patch:
             yield
-    except (KeyboardInterrupt, SystemExit):
-        raise
     except Exception as e:  # noqa: BLE001  (sorted into the user's and the code's below)
         if not is_input_error(e):
             raise
