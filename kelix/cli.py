@@ -47,6 +47,7 @@ def _usage() -> str:
     lines += ["", "kit verbs:"]
     lines += [f"  {v:<{width}}{h}" for v, (_, h) in sorted(KIT_VERBS.items())]
     lines += ["", "Recipes live in recipes/; several --config files merge left to right; --print_config shows the result."]
+    lines += ["An input error is one line; kelix <verb> --debug (or KELIX_DEBUG=1) shows its traceback."]
     return "\n".join(lines)
 
 
@@ -60,18 +61,27 @@ def main(argv: list[str] | None = None) -> int | None:
 
         print(f"kelix {__version__}")
         return 0
+    from kelix.console.errors import debug_requested, one_line_errors  # input errors: one line (--debug: all)
+
+    debug = debug_requested(argv)
     verb, rest = argv[0], argv[1:]
     if verb in LIGHTNING_VERBS:
         from kelix.training.cli import run_lightning_cli
 
-        run_lightning_cli([verb, *rest])
+        with one_line_errors(verb, rest, debug):
+            run_lightning_cli([verb, *rest])
         return 0
     if verb in KIT_VERBS:
         import importlib
 
         module, func = KIT_VERBS[verb][0].split(":")
-        return getattr(importlib.import_module(module), func)(rest)
-    print(f"kelix: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        with one_line_errors(verb, rest, debug):
+            return getattr(importlib.import_module(module), func)(rest)
+    import difflib
+
+    near = difflib.get_close_matches(verb, [*LIGHTNING_VERBS, *KIT_VERBS], n=1)
+    print(f"kelix: unknown verb {verb!r}{f': did you mean {near[0]}?' if near else ''} (kelix --help lists the verbs)",
+          file=sys.stderr)
     return 2
 
 

@@ -56,8 +56,11 @@ def load_causal_lm(path: str | None = None, config: dict | None = None, dtype: s
     if path is not None:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"causal LM path {path!r} is not a local directory (nothing is downloaded)")
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype,
-                                                    attn_implementation=attn)
+        from kelix.console.quiet import quiet_loading
+
+        with quiet_loading():  # no "Loading weights" bar on every start
+            return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype,
+                                                        attn_implementation=attn)
     if config is None:
         raise ValueError("give either a local path or a config dict for the causal LM")
     cfg = dict(config)

@@ -117,9 +117,11 @@ def test_chat_and_generate_reach_the_terminal_without_warnings(pipe, picture, tm
         assert main(["generate", "--pipeline", str(tmp_path / "pipe"), "--out", str(tmp_path / "o.png"),
                      "--size", "16", "--llm-cfg-scale", "2", "a cat"]) == 0
     err = capfd.readouterr().err
+    # transformers 5 draws "Loading weights" on every from_pretrained: off by its own switch (kelix.console.quiet)
+    assert not any(k in err for k in ("Loading", "Warning", "deprecated")), err
     noise = [line for line in err.replace("\r", "\n").splitlines()
-             if line.strip() and not any(k in line for k in ("blocks", "rendering", "Loading weights"))]
-    assert noise == []
+             if line.strip() and not any(k in line for k in ("blocks", "rendering"))]
+    assert noise == []  # the kit's own bars only
 
 
 def test_chat_leaves_the_pipelines_dit_unloaded(pipe, picture, tmp_path, monkeypatch, capsys):

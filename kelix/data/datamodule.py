@@ -146,6 +146,9 @@ class _ConsumedBatches(pl.Callback):
             loader.note_consumed()
 
 
+_SPLITS = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}  # a stage's reads
+
+
 class ShardDataModule(pl.LightningDataModule):
     """Stream samples from WebDataset shards through a processor.
 
@@ -244,9 +247,16 @@ class ShardDataModule(pl.LightningDataModule):
             self.streams[split] = stream
         return self.streams[split]
 
+    def check_inputs(self, stage: str | None = None) -> None:
+        """Expand every shard pattern ``stage`` reads, so that a missing one is the user's one-line error
+        before the run starts (``kelix fit``); synthetic shards are written by ``prepare_data`` first."""
+        if self.synthetic is None:
+            for split in _SPLITS.get(stage, ["train", "val", "test", "predict"]):
+                for s in self.specs.get(split) or ():
+                    s.expand()
+
     def setup(self, stage: str | None = None):
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
-        for split in wanted.get(stage, ["train", "val", "test", "predict"]):
+        for split in _SPLITS.get(stage, ["train", "val", "test", "predict"]):
             if self.specs.get(split) is not None:
                 self._stream(split)
         trainer = self.trainer

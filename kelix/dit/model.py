@@ -98,8 +98,11 @@ def _build_transformer(cfg: DiTConfig):
     from kelix.dit.vae import check_variant, has_accelerate
 
     check_variant(path, cfg.transformer_variant, "dit.transformer_variant")
-    model = SanaTransformer2DModel.from_pretrained(path, local_files_only=True, variant=cfg.transformer_variant,
-                                                   low_cpu_mem_usage=has_accelerate())
+    from kelix.console.quiet import quiet_loading
+
+    with quiet_loading():
+        model = SanaTransformer2DModel.from_pretrained(path, local_files_only=True, variant=cfg.transformer_variant,
+                                                       low_cpu_mem_usage=has_accelerate())
     loaded = {k: v for k, v in model.config.items() if not k.startswith("_")}
     for k, v in cfg.transformer.items():
         if k not in loaded:

@@ -225,8 +225,11 @@ def load_vae(cfg: VAEConfig) -> FrozenVAE:
         if name not in ("AutoencoderDC", "AutoencoderKL", "PixelAutoencoder"):
             raise ValueError(f"{conf}: _class_name {name!r} is not AutoencoderDC, AutoencoderKL or PixelAutoencoder")
         check_variant(cfg.path, cfg.variant, "vae.variant")
-        vae = _vae_class(name).from_pretrained(cfg.path, local_files_only=True, torch_dtype=dtype,
-                                               low_cpu_mem_usage=has_accelerate(), variant=cfg.variant)
+        from kelix.console.quiet import quiet_loading
+
+        with quiet_loading():
+            vae = _vae_class(name).from_pretrained(cfg.path, local_files_only=True, torch_dtype=dtype,
+                                                   low_cpu_mem_usage=has_accelerate(), variant=cfg.variant)
         saved = os.path.join(cfg.path, LATENTS_FILE)  # an export's record of the scaling its DiT trained with
         if os.path.isfile(saved):
             rec = json.loads(Path(saved).read_text())

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
+import logging.handlers
 import os
 import re
 import sys
 import warnings
 from unittest import mock
 
+from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -71,7 +74,46 @@ class KelixCLI(LightningCLI):
         # `kelix fit ...` hands its whole command line over as ``args``; LightningCLI warns whenever
         # sys.argv holds arguments too. Only while parsing: DDP's launcher re-runs sys.argv for each rank.
         with mock.patch.object(sys, "argv", sys.argv[:1]):
-            super().parse_arguments(parser, args)
+            try:
+                super().parse_arguments(parser, args)
+            except Exception as e:
+                e.kelix_setup, e.kelix_options = True, _options(parser, args)  # kelix.console.errors reads these
+                raise
+
+    def _set_seed(self):
+        # "Seed set to 0" on every start says nothing the saved config does not
+        with mock.patch("lightning.pytorch.cli.seed_everything", functools.partial(seed_everything, verbose=False)):
+            super()._set_seed()
+
+    def instantiate_classes(self):
+        # the kit's and Lightning's log lines while building wait: on an input error, the one line says it all
+        held = logging.handlers.BufferingHandler(capacity=10_000)
+        loggers = [logging.getLogger(n) for n in ("kelix", "lightning.pytorch", "lightning.fabric")]
+        saved = [(lg.handlers, lg.propagate) for lg in loggers]
+        for lg in loggers:
+            lg.handlers, lg.propagate = [held], False
+        try:
+            self._before_instantiate()
+            super().instantiate_classes()
+            check = getattr(self.datamodule, "check_inputs", None)  # shard patterns: before any work
+            if callable(check) and self.subcommand:
+                check(self.subcommand)
+        except Exception as e:  # a recipe's input, found missing or wrong while building: the user's error
+            e.kelix_setup = True
+            e.kelix_config = self.config[self.subcommand] if self.subcommand else self.config
+            raise
+        finally:
+            for lg, (handlers, propagate) in zip(loggers, saved, strict=True):
+                lg.handlers, lg.propagate = handlers, propagate
+        for record in held.buffer:
+            logging.getLogger(record.name).handle(record)
+
+    def _run_subcommand(self, subcommand):
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as e:  # inside training: a bug keeps its traceback
+            e.kelix_in_run = True
+            raise
 
     def _parse_ckpt_path(self):
         # Lightning reads a checkpoint file whole, on every rank, only to look for hyper-parameters
@@ -95,7 +137,7 @@ class KelixCLI(LightningCLI):
             config = {**config, "enable_model_summary": False}  # instead of Lightning's, not beside it
         return super()._instantiate_trainer(config, callbacks)
 
-    def before_instantiate_classes(self):
+    def _before_instantiate(self):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         name = cfg.get("name")
         if not name:
@@ -108,6 +150,14 @@ class KelixCLI(LightningCLI):
             init.name = name
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
             cfg.ckpt_path = resolve_last(cfg, init)
+
+
+def _options(parser, args) -> list[str]:
+    """The option strings of the subcommand's parser (for a did-you-mean on a misspelled key)."""
+    action = getattr(parser, "_subcommands_action", None)
+    sub = next((a for a in args or () if action is not None and a in action.choices), None)
+    target = action.choices[sub] if sub else parser
+    return [s for a in target._actions for s in a.option_strings]
 
 
 def _version_dirs(root: str) -> list[tuple[int, str]]:
@@ -160,7 +210,7 @@ def run_lightning_cli(args: list[str], run: bool = True) -> KelixCLI:
             auto_configure_optimizers=False,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},  # one line: kelix.console.errors
             trainer_defaults={
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",

@@ -50,12 +50,15 @@ def test_resume_last_continues_exactly_in_the_same_run(tmp_path, monkeypatch, wo
     assert key_sequence(run_dir / "keys", world=1) == key_sequence(ref_dir / "keys", world=1)  # keys and RNG draws
 
 
-def test_resume_last_without_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+def test_resume_last_without_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint found under runs/r/version_\*/checkpoints/last.ckpt"):
+    with pytest.raises(SystemExit) as e:  # a user's input error: one line, exit 2 (kelix.console.errors)
         fit(tmp_path, shard_recipe(tmp_path), "--ckpt_path", "last")
-    with pytest.raises(FileNotFoundError, match="no last.ckpt in checkpoint.dirpath"):
+    assert e.value.code == 2
+    assert "no checkpoint found under runs/r/version_*/checkpoints/last.ckpt" in capfd.readouterr().err
+    with pytest.raises(SystemExit):
         fit(tmp_path, shard_recipe(tmp_path), "--ckpt_path", "last", "--checkpoint.dirpath", str(tmp_path / "ck"))
+    assert "no last.ckpt in checkpoint.dirpath" in capfd.readouterr().err
 
 
 def test_multi_node_recipe_parses(tmp_path, capsys):

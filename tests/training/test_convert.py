@@ -39,9 +39,11 @@ def test_ckpt_format_and_dtype(tmp_path):
     assert read_state_dict(str(out)).keys() == sd.keys()
 
 
-def test_bad_inputs_fail_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+def test_bad_inputs_fail_clearly(tmp_path, capfd):
+    with pytest.raises(SystemExit) as e:  # one line, exit 2 (kelix.console.errors)
         main(["convert-checkpoint", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "checkpoint not found" in capfd.readouterr().err
     lightning_ckpt(tmp_path / "last.ckpt")
-    with pytest.raises(ValueError, match="no weight starts with --prefix 'lm.'"):
+    with pytest.raises(SystemExit):
         main(["convert-checkpoint", "--ckpt", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "out"), "--prefix", "lm."])
+    assert "no weight starts with --prefix 'lm.'" in capfd.readouterr().err
