@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     urls = Source(a.shards).expand()[i::n]
     if not urls:
         p.error(f"part {a.part} has no input shard ({len(Source(a.shards).expand())} in all)")
-    processor = DiTProcessor(a.target_size, a.condition_size, a.aspect_range, a.min_source_side, a.resize,
-                             target="pixels", condition="llm" if a.lm else "prompt",
+    processor = DiTProcessor(a.target_size, a.condition_size, a.aspect_range, min_source_side=a.min_source_side,
+                             resize=a.resize, target="pixels", condition="llm" if a.lm else "prompt",
                              max_condition_length=a.max_condition_length, token_size=a.token_size)
     vae = load_vae(VAEConfig(path=a.vae, dtype=a.dtype, variant=a.vae_variant) if a.vae else VAEConfig(seed=a.tiny_vae_seed))
     if a.lm:

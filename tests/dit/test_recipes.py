@@ -74,6 +74,6 @@ def test_the_quickstart_overlay_conditions_on_the_llm(capsys):
     model, proc = cfg["model"]["init_args"], cfg["data"]["init_args"]["processor"]["init_args"]
     assert model["condition"] == {"class_path": "kelix.dit.conditions.LLMConditions", "init_args": {
         "lm": "runs/llm_stage2_2/export", "tokenizer": "runs/tokenizer/export", "include_markers": True,
-        "dtype": "float32"}}
+        "dtype": "float32", "include_end": False, "pad_to": None}}  # the kit's condition range, not the release's
     assert model["dit"]["cond_dim"] == 128 and (proc["condition"], proc["condition_size"]) == ("llm", 84)
     assert model["vae"]["kind"] == "pixel"  # kept from dit.yaml
