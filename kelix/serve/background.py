@@ -28,7 +28,10 @@ class BackgroundServer:
         self.app = build_app(pipe, cfg)
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level="error"))
+        # keep-alive past uvicorn's 5 s: a pooled client connection idle for a slow test is not closed
+        # under it as it sends (a race that surfaces as a connection error with max_retries=0)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level="error",
+                                                    timeout_keep_alive=300))
         self.thread = threading.Thread(target=self.server.run, name="kelix-serve", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + start_timeout
