@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("to-official", help="kit pipeline (from `convert official`, fine-tuned or not) -> release layout")
     b.add_argument("--pipeline", required=True, help="a pipeline directory written by `kelix convert official`")
     b.add_argument("--out", required=True, help="the Kelix-SFT-layout directory to write")
+    b.add_argument("--llm", help="an LLM directory to write instead of the pipeline's llm/ (a fine-tuned export)")
     b.add_argument("--dit-out", help="also write the DiT as a Kelix-DiT (SanaModel) directory here")
     b.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="dtype of the written weights (default: as stored)")
     b.add_argument("--shard-size", type=float, default=4.0, help="GiB per shard")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             from kelix.official.to_official import to_official
 
             s = to_official(args.pipeline, args.out, dtype=args.dtype, shard_bytes=int(args.shard_size * (1 << 30)),
-                            dit_out=args.dit_out)
+                            dit_out=args.dit_out, llm=args.llm)
             print(f"wrote the release layout: {s['bytes'] / 2**30:.2f} GiB in {s['seconds']:.0f} s -> {s['out']}")
     except (ReleaseError, FileNotFoundError, KeyError, ValueError) as e:
         if os.environ.get("KELIX_DEBUG"):

@@ -61,9 +61,10 @@ def _dit_to_official(pipeline: str, meta: dict, out: str) -> int:
 
 
 def to_official(pipeline: str, out: str, dtype: str | None = None, shard_bytes: int = 4 << 30,
-                progress: bool = True, dit_out: str | None = None) -> dict:
+                progress: bool = True, dit_out: str | None = None, llm: str | None = None) -> dict:
     """Write ``pipeline`` (a directory from ``kelix convert official``) as a release in ``out`` (and its DiT
-    as a Kelix-DiT directory in ``dit_out``)."""
+    as a Kelix-DiT directory in ``dit_out``). ``llm``: an LLM directory to write instead of the pipeline's
+    ``llm/`` (a fine-tuned export, e.g. ``kelix export-llm --merge-lora``'s)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
@@ -79,17 +80,20 @@ def to_official(pipeline: str, out: str, dtype: str | None = None, shard_bytes: 
         meta = json.load(f)
     raw = meta["release_config"]
     N = raw["qwen_config"]["n_q_tokens"]
-    with open(os.path.join(pipeline, "llm", "config.json")) as f:
+    llm_dir = llm or os.path.join(pipeline, "llm")
+    if not os.path.isfile(os.path.join(llm_dir, "config.json")):
+        raise ReleaseError(f"{llm_dir}: not a Kelix LLM directory (no config.json)")
+    with open(os.path.join(llm_dir, "config.json")) as f:
         llm_cfg = json.load(f)
     if llm_cfg.get("decoder_kind") != "release":
-        raise ReleaseError(f"{pipeline}/llm/config.json: decoder_kind {llm_cfg.get('decoder_kind')!r}: only the "
+        raise ReleaseError(f"{llm_dir}/config.json: decoder_kind {llm_cfg.get('decoder_kind')!r}: only the "
                            f"release's block decoder has an official layout")
     cast = DTYPES[dtype] if dtype else None
     writer = ShardWriter(out, shard_bytes, cast)
-    llm_rest = load_file(os.path.join(pipeline, "llm", "model.safetensors"))
+    llm_rest = load_file(os.path.join(llm_dir, "model.safetensors"))
     vb = llm_rest.pop("visual_bias", torch.zeros(1))
     if float(vb.float().abs().max()) != 0.0:
-        raise ReleaseError(f"{pipeline}/llm: visual_bias = {float(vb.float().max()):.4g}: the official model has no "
+        raise ReleaseError(f"{llm_dir}: visual_bias = {float(vb.float().max()):.4g}: the official model has no "
                            f"slot-0 visual prior, so it cannot hold this (freeze visual_bias when fine-tuning a release)")
     tok = load_file(os.path.join(pipeline, "tokenizer", "model.safetensors"))
     n_out = 0
@@ -112,9 +116,9 @@ def to_official(pipeline: str, out: str, dtype: str | None = None, shard_bytes: 
             continue
         name = official_key("llm", key)
         if name is None:
-            raise ReleaseError(f"{pipeline}/llm: tensor {key} has no official place")
+            raise ReleaseError(f"{llm_dir}: tensor {key} has no official place")
         writer.add(name, t)
-    bb_dir = os.path.join(pipeline, "llm", "backbone")
+    bb_dir = os.path.join(llm_dir, "backbone")
     files, _ = shard_files(bb_dir)
     like = None
     head = None
@@ -142,7 +146,7 @@ def to_official(pipeline: str, out: str, dtype: str | None = None, shard_bytes: 
     n_out = writer.close()
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(raw, f, indent=2)
-    copy_text_tokenizer(os.path.join(pipeline, "llm"), out)
+    copy_text_tokenizer(llm_dir, out)
     if dit_out is not None:
         n_out += _dit_to_official(pipeline, meta, dit_out)
     return {"out": out, "bytes": n_out, "seconds": time.time() - t0}
