@@ -12,13 +12,13 @@ process, exactly as a user would), each starting from the previous stage's expor
 The terminal shows one progress bar and one summary line per stage (steps, seconds, final losses,
 samples read and skipped, from the run's TensorBoard log); each stage's full output goes to
 ``<out>/logs/<stage>.log``. Then the exports are assembled into a pipeline (``<out>/pipeline``), scored
-on the held-out synthetic benchmarks against the README's bars (:mod:`kelix.quickstart_score`:
+on the held-out synthetic benchmarks, each score beside chance and a regression guard (:mod:`kelix.quickstart_score`:
 ``<out>/scores.json``, ``runs/quickstart``), and the first held-out question and prompt are shown with
 their truth. Synthetic shards are made on the way (``data/synthetic``).
 
     kelix quickstart                       # train, score, demo
     kelix quickstart --eval-only           # score the existing exports (or --pipeline DIR) again
-    kelix quickstart --max-steps 3 --eval-items 8 --require-bars   # exit 1 when a bar is missed
+    kelix quickstart --max-steps 3 --eval-items 8 --require-bars   # exit 1 when a guard is missed
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
                    "already hold enough items (default: <out>/benchmarks)")
     p.add_argument("--gen-temperature", type=float, help="LLM sampling temperature of generated images (default 1)")
     p.add_argument("--gen-top-k", type=int, help="LLM top-k of generated images (default 8)")
-    p.add_argument("--require-bars", action="store_true", help="exit 1 when any scorecard bar is missed")
+    p.add_argument("--require-bars", action="store_true", help="exit 1 when any scorecard guard is missed (for CI)")
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="after --: options for every stage's kelix fit, e.g. -- --trainer.accelerator gpu")
     return p
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     status = qs.exit_status(card, a.require_bars)
     if status:
         print("kelix quickstart: --require-bars: " + ", ".join(k for k, r in card.items() if not r["pass"])
-              + " below the bar", file=sys.stderr)
+              + " below the guard", file=sys.stderr)
     return status
 
 
