@@ -1,4 +1,5 @@
-"""docs/architecture.md stays true to the tree: every file, class and layering claim it makes."""
+"""The docs stay true: docs/architecture.md to the tree (every file, class and layering claim it makes), and
+the README as a front page (short, its two commands first, every link of the README and docs/ alive)."""
 
 import ast
 import importlib
@@ -65,3 +66,32 @@ def test_model_files_import_no_lightning_directly_or_through_the_kit():
                 base = REPO / mod.replace(".", "/")
                 todo += [base.with_suffix(".py"), base / "__init__.py"]
     assert bad == []
+
+
+# The README as a front page (issue 27): short, its links alive, its two commands first and run by CI.
+README = (REPO / "README.md").read_text()
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_the_readme_is_a_front_page_of_under_1500_words():
+    assert len(README.split()) < 1500
+
+
+def test_every_relative_link_of_the_readme_and_the_docs_points_to_a_file():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken, checked = [], 0
+    for page in pages:
+        for target in LINK.findall(page.read_text()):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            checked += 1
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert checked > 20 and broken == []
+
+
+def test_the_readme_commands_come_first_and_ci_runs_the_tests_one():
+    blocks = re.findall(r"^```bash\n(.*?)^```", README, flags=re.S | re.M)
+    assert [b.strip() for b in blocks[:2]] == ["pip install -e . && kelix quickstart",
+                                              "pip install -e '.[dev]' && pytest -q"]
+    assert "pip install -e '.[dev]' && pytest -q" in (REPO / ".ci" / "run").read_text()

@@ -1,5 +1,5 @@
 """``kelix estimate``: exact parameter counts against the instantiated modules, memory against measurement
-(tiny CPU steps here, the H100 numbers of the README), and the fit verdict with its knobs."""
+(tiny CPU steps here, the H100 numbers of docs/testing.md), and the fit verdict with its knobs."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_a_too_large_run_is_refused_and_the_knobs_named(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-# the H100 measurements of the README's benchmark table (bench_llm: a bare KelixLM, bf16 autocast, fused AdamW)
+# the H100 measurements of docs/testing.md's benchmark table (bench_llm: a bare KelixLM, bf16 autocast, fused AdamW)
 MEASURED_H100 = [("0.6b", 4, False, 54.0), ("1.7b", 2, False, 64.8), ("1.7b", 2, True, 36.5)]
 
 
