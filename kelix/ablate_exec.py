@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 
+from kelix.console.errors import RunFailed
 from kelix.quickstart import _follow, _versions, run_summary
 
 DISTINCT_IMAGES = 200  # held-out dense images of the token probe (400 text patches)
@@ -115,7 +116,7 @@ def _fail(what: str, log_path: str, rc: int) -> None:
     concurrent runs print it in one piece)."""
     with open(log_path, errors="replace") as f:
         tail = [ln for ln in f.read().replace("\r", "\n").splitlines() if ln.strip()][-30:]
-    raise SystemExit("\n".join(tail) + f"\nkelix ablate: {what} failed (exit {rc}); its whole output: {log_path}")
+    raise RunFailed("\n".join(tail) + f"\nkelix ablate: {what} failed (exit {rc}); its whole output: {log_path}")
 
 
 def ensure_benchmarks(root: str, counts: dict[str, int]) -> None:
@@ -207,7 +208,7 @@ class StageBoard:
         if not mine:
             ended.wait()
             if stage.id in self._failed:
-                raise SystemExit(f"kelix ablate: stage {stage.id} failed in another run (its error above)")
+                raise RunFailed(f"kelix ablate: stage {stage.id} failed in another run (its error above)")
             return "reused"
         try:
             return "reused" if stage.done() else self._build(stage, bar)
@@ -240,7 +241,7 @@ def build_stage(stage, bar, log_dir: str, mode: str, threads: int | None) -> str
     if rc != 0:
         _fail(f"stage {stage.id}", log, rc)
     if not stage.done():
-        raise SystemExit(f"kelix ablate: stage {stage.id} finished but wrote no {stage.export}  ({log})")
+        raise RunFailed(f"kelix ablate: stage {stage.id} finished but wrote no {stage.export}  ({log})")
     return f"{step} steps {time.time() - t:.0f}s" if step else f"{time.time() - t:.0f}s"
 
 
@@ -342,5 +343,5 @@ def _run_concurrently(todo, jobs: int, one, done: dict) -> None:
         overall.close()
     if failed:
         names = ", ".join(f"{r.row} seed {r.seed}" for r in todo if r in failed)
-        raise SystemExit(f"kelix ablate: {len(failed)} of {len(todo)} runs failed ({names}); the "
+        raise RunFailed(f"kelix ablate: {len(failed)} of {len(todo)} runs failed ({names}); the "
                          "others are scored and are skipped when the suite runs again")

@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from kelix.console.errors import RunFailed
+
 STAGES = [  # (run name, recipe files, export directory)
     ("tokenizer", ["tokenizer.yaml"], "runs/tokenizer/export"),
     ("llm", ["llm.yaml"], "runs/llm/export"),
@@ -174,7 +176,7 @@ def _run(name: str, cmd: list[str], log_dir: str) -> tuple[float, int | None, st
         with open(path, errors="replace") as f:
             tail = [line for line in f.read().replace("\r", "\n").splitlines() if line.strip()][-30:]
         sys.stderr.write("\n".join(tail) + "\n")
-        raise SystemExit(f"kelix quickstart: stage {name} failed (exit {rc}); its whole output: {path}")
+        raise RunFailed(f"kelix quickstart: stage {name} failed (exit {rc}); its whole output: {path}")
     return time.time() - t, step, path
 
 
@@ -183,7 +185,7 @@ def run_stage(name: str, cmd: list[str], export: str, log_dir: str) -> dict:
     before = set(_versions(name))
     seconds, step, path = _run(name, cmd, log_dir)
     if not os.path.isfile(os.path.join(export, "config.json")):
-        raise SystemExit(f"kelix quickstart: stage {name} finished but wrote no export in {export}")
+        raise RunFailed(f"kelix quickstart: stage {name} finished but wrote no export in {export}")
     new = [v for v in _versions(name) if v not in before]
     return {"status": "trained", "seconds": round(seconds, 1), "log": path, **run_summary(new[-1] if new else None),
             **({"steps": step} if step is not None else {})}
@@ -205,7 +207,7 @@ def build_codebook(recipe_dir: str, path: str, log_dir: str) -> dict:
            "--feature", "input", "--max-images", str(CODEBOOK_IMAGES)]
     seconds, _, log = _run("codebook", cmd, log_dir)
     if not os.path.isfile(path):
-        raise SystemExit(f"kelix quickstart: kelix build-codebook finished but wrote no {path}")
+        raise RunFailed(f"kelix quickstart: kelix build-codebook finished but wrote no {path}")
     return {"status": "built", "seconds": round(seconds, 1), "log": log, "export": path}
 
 
@@ -285,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = a.overrides[1:] if a.overrides[:1] == ["--"] else a.overrides
     if a.pipeline and not a.eval_only:
         raise SystemExit("kelix quickstart: --pipeline scores an existing pipeline; give it with --eval-only")
+    if a.pipeline and not os.path.isfile(os.path.join(a.pipeline, "pipeline.json")):  # before any benchmark is written
+        raise SystemExit(f"kelix quickstart: --pipeline {a.pipeline!r} has no pipeline.json (give the pipeline "
+                         "directory a quickstart wrote, e.g. outputs/quickstart/pipeline)")
     counts = qs.parse_items(a.eval_items)
     start = time.time()
     log_dir = os.path.join(a.out, "logs")

@@ -174,6 +174,30 @@ def test_kit_verb_input_errors_are_one_line(no_training, capfd):
     assert "missing.yaml" in line and line.startswith("kelix build-codebook: ")
 
 
+@pytest.mark.parametrize("argv,names", [
+    (["chat", "--pipeline", "nope", "hi"], "'nope'"),
+    (["generate", "--pipeline", "nope", "hi"], "'nope'"),
+    (["serve", "--pipeline", "nope"], "'nope'"),
+    (["eval", "run", "--pipeline", "nope", "--benchmark", "synthetic-vqa", "--data", "nodata", "--out", "o"], "nodata"),
+    (["convert", "official", "--sft", "nope", "--out", "o"], "nope/config.json"),
+    (["estimate", "--config", "nope.yaml"], "'nope.yaml'"),
+    (["data", "convert", "--format", "pairs", "--input", "nope.csv", "--out", "o"], "nope.csv"),
+    (["quickstart", "--eval-only", "--pipeline", "nope"], "'nope'"),
+])
+def test_kit_verb_missing_input_is_one_line_before_any_work(argv, names, no_training, capfd, tmp_path):
+    try:
+        code = main(argv)  # a verb may return its status
+    except SystemExit as e:
+        code = e.code
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    line = lines[0]
+    verb = argv[0] if argv[0] in ("chat", "generate", "serve", "estimate", "quickstart") else " ".join(argv[:2])
+    assert line.startswith(f"kelix {verb.split()[0]}") and names in line, line
+    assert not any(tmp_path.iterdir()), sorted(p.name for p in tmp_path.iterdir())  # nothing written first
+
+
 def test_kit_verb_value_errors_the_kit_raises_are_one_line(no_training, capfd, monkeypatch):
     import json
 
@@ -190,3 +214,18 @@ def test_kit_verb_value_errors_the_kit_raises_are_one_line(no_training, capfd, m
     monkeypatch.setattr(kelix.pipeline_cli, "generate", library_bug)
     with pytest.raises(json.JSONDecodeError):
         main(["generate", "x"])
+
+
+def test_a_failed_run_is_not_an_input_error(no_training, capfd, monkeypatch):
+    """A stage that failed exits 1 with its message (Python prints it); only the user's input gets exit 2."""
+    import kelix.pipeline_cli
+    from kelix.console.errors import RunFailed
+
+    def stage_failed(argv):
+        raise RunFailed("kelix generate: stage x failed (exit 3); its whole output: x.log")
+
+    monkeypatch.setattr(kelix.pipeline_cli, "generate", stage_failed)
+    with pytest.raises(RunFailed) as e:
+        main(["generate", "x"])
+    assert e.value.code == "kelix generate: stage x failed (exit 3); its whole output: x.log"
+    assert capfd.readouterr().err == ""  # printed once, by Python, on the way out: exit status 1

@@ -31,6 +31,12 @@ class InputError(ValueError):
     """A user's input is wrong; the message is the whole story (printed as one line)."""
 
 
+class RunFailed(SystemExit):
+    """A run failed (a stage's process, an export not written): its message, exit 1. Not the user's input,
+    which a verb reports with ``raise SystemExit("kelix verb: ...")`` (one line, exit 2 under
+    :func:`one_line_errors`)."""
+
+
 def debug_requested(argv: list[str]) -> bool:
     """``--debug`` in ``argv`` (removed from it) or ``KELIX_DEBUG=1``."""
     found = "--debug" in argv
@@ -277,6 +283,11 @@ def one_line_errors(verb: str, argv: list[str], debug: bool):
     try:
         with patch:
             yield
+    except SystemExit as e:  # a verb's own check, raise SystemExit("kelix verb: ..."): the user's input
+        if not isinstance(e.code, str) or isinstance(e, RunFailed):
+            raise
+        print(e.code if e.code.startswith("kelix") else f"kelix {verb}: {e.code}", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as e:  # noqa: BLE001  (sorted into the user's and the code's below)
         if not is_input_error(e):
             raise
