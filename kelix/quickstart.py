@@ -49,8 +49,13 @@ _LOSSES = re.compile(r"\b((?:train|val)_loss)=([-+0-9.e]+|nan)")
 
 def find_recipes(explicit: str | None) -> str:
     """The quickstart recipes: ``--recipes``, ``./recipes/quickstart``, or the source checkout's."""
+    if explicit:  # the user's own directory, or an error: never another one in its place
+        if not os.path.isfile(os.path.join(explicit, "tokenizer.yaml")):
+            raise SystemExit(f"kelix quickstart: --recipes {explicit!r} holds no tokenizer.yaml (give the "
+                             "recipes/quickstart directory of a kelix checkout, or a copy of it)")
+        return explicit
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (explicit, os.path.join("recipes", "quickstart"), os.path.join(here, "recipes", "quickstart")):
+    for cand in (os.path.join("recipes", "quickstart"), os.path.join(here, "recipes", "quickstart")):
         if cand and os.path.isfile(os.path.join(cand, "tokenizer.yaml")):
             return cand
     raise SystemExit("kelix quickstart: recipes/quickstart not found; run it from the kelix checkout or pass --recipes")
@@ -292,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                          "directory a quickstart wrote, e.g. outputs/quickstart/pipeline)")
     counts = qs.parse_items(a.eval_items)
     start = time.time()
+    recipe_dir = None if a.pipeline else find_recipes(a.recipes)
     log_dir = os.path.join(a.out, "logs")
     os.makedirs(log_dir, exist_ok=True)
     stages = {}
-    recipe_dir = None if a.pipeline else find_recipes(a.recipes)
     if not a.eval_only:
         codebook = codebook_path(recipe_dir)
         if codebook:  # the tokenizer's k-means init (paper 4.2.1), before the tokenizer trains from it

@@ -183,6 +183,7 @@ def test_kit_verb_input_errors_are_one_line(no_training, capfd):
     (["estimate", "--config", "nope.yaml"], "'nope.yaml'"),
     (["data", "convert", "--format", "pairs", "--input", "nope.csv", "--out", "o"], "nope.csv"),
     (["quickstart", "--eval-only", "--pipeline", "nope"], "'nope'"),
+    (["quickstart", "--recipes", "nope"], "'nope'"),
 ])
 def test_kit_verb_missing_input_is_one_line_before_any_work(argv, names, no_training, capfd, tmp_path):
     try:
@@ -229,3 +230,18 @@ def test_a_failed_run_is_not_an_input_error(no_training, capfd, monkeypatch):
         main(["generate", "x"])
     assert e.value.code == "kelix generate: stage x failed (exit 3); its whole output: x.log"
     assert capfd.readouterr().err == ""  # printed once, by Python, on the way out: exit status 1
+
+
+def test_build_codebook_checks_its_options_before_making_shards_or_loading(tmp_path):
+    """In a fresh directory (the recipe's synthetic shards not made yet), a wrong option is the only line on
+    stderr (no encoder notice before it) and nothing is written: checked before shards are made."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "kelix.cli", "build-codebook", "--config",
+                          os.path.join(ROOT, "recipes/quickstart/tokenizer.yaml")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT, "KELIX_DEBUG": ""})
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "kelix build-codebook: tokenizer.centroid_dim 64 is neither the patch width 32 nor the merged width 128"], \
+        out.stderr
+    assert not any(tmp_path.iterdir()), sorted(p.name for p in tmp_path.iterdir())

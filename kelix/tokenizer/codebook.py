@@ -118,10 +118,12 @@ def _read_config(path: str) -> dict:
 
 def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_images: int | None = PAPER_IMAGES,
           niter: int = 20, feature: str | None = None, batch_size: int = 32, seed: int = 0, num_workers: int = 2,
-          device: str | None = None, gpu: bool | None = None) -> np.ndarray:
+          device: str | None = None, gpu: bool | None = None, before_read=None) -> np.ndarray:
     """Stream ``shards`` through the tokenizer's encoder and write the k-means codebook to ``out``.
 
-    ``samples``: embeddings kept for k-means (default ``POINTS_PER_CENTROID * S``)."""
+    ``samples``: embeddings kept for k-means (default ``POINTS_PER_CENTROID * S``). ``before_read``: called
+    once the configuration is checked, before anything is loaded or read (e.g. making synthetic shards), so
+    that a wrong option costs one line, not a data build."""
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
@@ -139,7 +141,6 @@ def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_ima
     samples = samples or POINTS_PER_CENTROID * S
     if samples < S:
         raise ValueError(f"--samples {samples} < S = {S} centroids")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = None
     if feature == "input":  # the whole tokenizer's encoder + merger: the quantizer's own input space
@@ -154,7 +155,6 @@ def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_ima
     else:
         encoder = VisionEncoder(cfg.encoder, cfg.image.patch_size)
         encoder.to(device).eval()
-    encoder.load_weights()
     m = cfg.image.merge_size
     widths = {"patch": encoder.width, "merged": m * m * encoder.width}
     if tok is not None:
@@ -170,6 +170,10 @@ def build(tokenizer: dict, shards, out: str, samples: int | None = None, max_ima
     if cfg.centroid_dim not in (None, widths[feature]):
         raise ValueError(f"--feature {feature} gives {widths[feature]}-d centroids but tokenizer.centroid_dim "
                          f"is {cfg.centroid_dim}")
+    encoder.load_weights()  # after the checks: its notice must not come before a one-line input error
+    if before_read is not None:
+        before_read()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     stream = ShardStream(shards, processor=_Pixels(cfg.image), seed=seed, shuffle_buffer=1, shuffle_shards=False,
                          repeat=False)
@@ -250,11 +254,12 @@ def main(argv: list[str]) -> int:
     if not out:
         p.error("no output path: set --out or tokenizer.codebook in the config")
     synthetic = cfg.pop("synthetic", None)
+    make_shards = None
     if synthetic and not a.shards:  # a recipe on synthetic shards: make them first, as kelix fit would
         from kelix.data.synthetic import SyntheticData
 
-        SyntheticData(**synthetic).ensure()
+        make_shards = SyntheticData(**synthetic).ensure
     build(cfg.pop("tokenizer"), cfg.pop("shards"), out, num_workers=a.num_workers, device=a.device,
-          gpu=False if a.cpu_kmeans else None, **cfg)
+          gpu=False if a.cpu_kmeans else None, before_read=make_shards, **cfg)
     print(f"wrote {out}")
     return 0
