@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                           api_key=a.api_key or None, allow_url_images=a.allow_url_images,
                           allow_local_files=a.allow_local_files, model_name=a.model_name)
     except ValueError as e:
-        raise SystemExit(f"kelix: {e}") from None
+        raise SystemExit(f"kelix serve: {str(e).removeprefix('serve ')}") from None
     if a.host not in LOOPBACK and cfg.api_key is None:
         print(f"kelix serve: warning: binding {a.host} with no API key: anyone who reaches this port can use it",
               file=sys.stderr)

@@ -202,10 +202,12 @@ def test_sigterm_drains_the_request_in_flight_then_exits_0(pipe, pipeline_dir):
 def test_bad_flags_are_refused_before_loading(tmp_path, capsys):
     from kelix.cli import main
 
-    with pytest.raises(SystemExit, match="max_batch must be >= 1"):
-        main(["serve", "--pipeline", str(tmp_path), "--max-batch", "0"])
-    with pytest.raises(SystemExit, match="is not a directory"):
-        main(["serve", "--pipeline", str(tmp_path), "--allow-local-files", str(tmp_path / "nope")])
+    for argv, line in [(["--max-batch", "0"], "kelix serve: max_batch must be >= 1, got 0"),
+                       (["--allow-local-files", str(tmp_path / "nope")],
+                        f"kelix serve: --allow-local-files {str(tmp_path / 'nope')!r} is not a directory")]:
+        with pytest.raises(SystemExit) as e:  # one line on stderr, exit 2: the user's input
+            main(["serve", "--pipeline", str(tmp_path), *argv])
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
 
 
 def test_local_files_are_read_only_under_the_allowed_directory(pipe, tmp_path):
