@@ -344,4 +344,4 @@ def _run_concurrently(todo, jobs: int, one, done: dict) -> None:
     if failed:
         names = ", ".join(f"{r.row} seed {r.seed}" for r in todo if r in failed)
         raise RunFailed(f"kelix ablate: {len(failed)} of {len(todo)} runs failed ({names}); the "
-                         "others are scored and are skipped when the suite runs again")
+                        "others are scored and are skipped when the suite runs again")

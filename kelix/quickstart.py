@@ -56,7 +56,7 @@ def find_recipes(explicit: str | None) -> str:
         return explicit
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for cand in (os.path.join("recipes", "quickstart"), os.path.join(here, "recipes", "quickstart")):
-        if cand and os.path.isfile(os.path.join(cand, "tokenizer.yaml")):
+        if os.path.isfile(os.path.join(cand, "tokenizer.yaml")):
             return cand
     raise SystemExit("kelix quickstart: recipes/quickstart not found; run it from the kelix checkout or pass --recipes")
 

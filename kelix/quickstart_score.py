@@ -46,8 +46,8 @@ class Guard:
     near_chance: str = ""
 
 
-# Measured over 3 quiet 2-core runs (docs/quickstart.md, "Regression guards"); the slow test asserts every one,
-# and that a pipeline with its visual table shuffled misses them.
+# Measured over 3 quiet 2-core runs and one of another seed (docs/quickstart.md, "Regression guards"); the slow
+# test asserts every one, and that a pipeline with its visual table or its DiT condition shuffled misses them.
 GUARDS: dict[str, Guard] = {
     "synthetic-vqa/color": Guard(0.50, ("per_category", "color", "acc"), "colour questions, exact", 1 / 7, 0.733),
     "synthetic-vqa/shape": Guard(0.25, ("per_category", "shape", "acc"), "shape questions, exact", 1 / 3, 0.459,
